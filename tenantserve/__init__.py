@@ -1,0 +1,1 @@
+"""Python modules generated from protos/ by scripts/gen_protos.py. Do not edit."""
