@@ -72,6 +72,8 @@ class ServiceConfig:
     address: str = ""
     # Port of the Prometheus /metrics endpoint; 0 disables it.
     metrics_port: int = 0
+    # Address the /metrics endpoint binds to; 0.0.0.0 inside containers.
+    metrics_host: str = "127.0.0.1"
 
     @property
     def target(self) -> str:

@@ -1,0 +1,1 @@
+"""The `tenantserve` command: certificates, running the stack, and a tenant client."""
