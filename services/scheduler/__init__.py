@@ -1,0 +1,1 @@
+"""The scheduler: queues scheduled requests and places them on workers."""
