@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("admission", "scheduler", "worker-gpu")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# A DNS name for a SAN: dot-separated labels of letters, digits, '-' and '_'
+# (Docker service names use '_'), optionally starting with a '*.' wildcard.
+_DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+DNS_NAME_PATTERN = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 CA_VALID_DAYS = 3650
 SERVICE_VALID_DAYS = 825
@@ -156,7 +160,7 @@ def load_ca(cert_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
     if not (cert_path.exists() and key_path.exists()):
         raise CertificateError(
             f"no certificate authority in {cert_dir}: {cert_path} and {key_path} are required; "
-            "create them with init_certs or create_ca first"
+            "create them with `tenantserve certs init`"
         )
     certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -243,12 +247,14 @@ def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False) 
 def _host_sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
     sans: list[x509.GeneralName] = []
     for host in dict.fromkeys(hosts):
-        if not host or host != host.strip() or not host.isascii():
-            raise ValueError(f"host {host!r} is invalid; use a DNS name or an IP address")
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            continue
         except ValueError:
-            sans.append(x509.DNSName(host))
+            pass
+        if len(host) > 253 or not DNS_NAME_PATTERN.fullmatch(host):
+            raise ValueError(f"host {host!r} is invalid; use a DNS name or an IP address")
+        sans.append(x509.DNSName(host))
     return sans
 
 

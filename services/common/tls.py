@@ -8,6 +8,8 @@ import grpc
 
 from services.common.certs import ca_cert_path, service_cert_paths, tenant_cert_paths
 
+INIT_HINT = "`tenantserve certs init`"
+
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # Client keepalive: a ping every 30 s on an idle connection finds a dead peer
@@ -21,9 +23,14 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 
-# Server side: accept the client pings above. A server answers pings more
-# frequent than min_ping_interval with GOAWAY, so it stays below 30 s.
+# Server side: accept the client pings above. After max_ping_strikes pings
+# closer together than min_ping_interval the server closes the connection
+# with GOAWAY, so that interval stays below the client's 30 s.
+# grpcio sets SO_REUSEPORT by default, which lets a second server bind the
+# same port and silently share its connections; it is turned off so that
+# binding a port in use fails.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -36,8 +43,8 @@ def server_credentials(cert_dir: Path, service_name: str) -> grpc.ServerCredenti
     """Return server credentials for a service that require a client certificate from the CA."""
     cert_path, key_path = service_cert_paths(cert_dir, service_name)
     return grpc.ssl_server_credentials(
-        [(_read(key_path), _read(cert_path))],
-        root_certificates=_read(ca_cert_path(cert_dir)),
+        [(_read(key_path, INIT_HINT), _read(cert_path, INIT_HINT))],
+        root_certificates=_read(ca_cert_path(cert_dir), INIT_HINT),
         require_client_auth=True,
     )
 
@@ -45,13 +52,13 @@ def server_credentials(cert_dir: Path, service_name: str) -> grpc.ServerCredenti
 def service_channel_credentials(cert_dir: Path, service_name: str) -> grpc.ChannelCredentials:
     """Return channel credentials that present the service's certificate."""
     cert_path, key_path = service_cert_paths(cert_dir, service_name)
-    return _channel_credentials(cert_dir, cert_path, key_path)
+    return _channel_credentials(cert_dir, cert_path, key_path, INIT_HINT)
 
 
 def tenant_channel_credentials(cert_dir: Path, tenant_id: str) -> grpc.ChannelCredentials:
     """Return channel credentials that present the tenant's certificate."""
     cert_path, key_path = tenant_cert_paths(cert_dir, tenant_id)
-    return _channel_credentials(cert_dir, cert_path, key_path)
+    return _channel_credentials(cert_dir, cert_path, key_path, f"`tenantserve certs add-tenant {tenant_id}`")
 
 
 def secure_channel(
@@ -69,18 +76,17 @@ def secure_channel(
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 
-def _channel_credentials(cert_dir: Path, cert_path: Path, key_path: Path) -> grpc.ChannelCredentials:
+def _channel_credentials(cert_dir: Path, cert_path: Path, key_path: Path, hint: str) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca_cert_path(cert_dir)),
-        private_key=_read(key_path),
-        certificate_chain=_read(cert_path),
+        root_certificates=_read(ca_cert_path(cert_dir), INIT_HINT),
+        private_key=_read(key_path, hint),
+        certificate_chain=_read(cert_path, hint),
     )
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, hint: str) -> bytes:
+    """Read a PEM file; ``hint`` is the command that creates it, for the error message."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"certificate file {path} not found; create the certificates with services.common.certs.init_certs"
-        ) from None
+        raise FileNotFoundError(f"certificate file {path} not found; create it with {hint}") from None
