@@ -1,0 +1,145 @@
+"""Build, start and stop the admission service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio
+import redis.exceptions
+
+from services.common.config import Config, ConfigError
+from services.common.grpc_server import RunningServer, start_server
+from services.common.metrics import start_metrics_server
+from services.common.tls import secure_channel, service_channel_credentials
+from services.common.valkey import redis_client
+from tenantserve.v1 import inference_pb2, inference_pb2_grpc, scheduler_pb2_grpc
+
+from .limits import DEFAULT_LEASE_TTL_SECONDS, TenantLimiter
+from .servicer import InferenceServicer
+from .tokenization import PromptTokenizer
+from .usage import UsageRecorder
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "admission"
+SCHEDULER_SERVICE_NAME = "scheduler"
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+REDIS_CONNECT_TIMEOUT_SECONDS = 10.0
+STOP_GRACE_SECONDS = 5.0
+
+
+@dataclass
+class AdmissionServer:
+    """A running admission service and the connections it owns."""
+
+    running: RunningServer
+    redis: redis.asyncio.Redis
+    scheduler_channel: grpc.aio.Channel
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self, grace: float | None = STOP_GRACE_SECONDS) -> None:
+        """Stop accepting calls, let open streams run for ``grace`` seconds, then close the connections."""
+        await self.running.stop(grace)
+        await self.scheduler_channel.close()
+        await self.redis.aclose()
+
+
+async def start_admission(
+    config: Config,
+    *,
+    listen: str | None = None,
+    tokenizer: PromptTokenizer | None = None,
+    lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS,
+) -> AdmissionServer:
+    """Start the admission gRPC server in this event loop.
+
+    ``listen`` replaces ``config.admission.listen`` (tests pass
+    127.0.0.1:0); ``tokenizer`` skips loading the models' tokenizers again.
+    Raises ConfigError when ``config.redis_url`` is empty or Redis cannot be
+    reached, and RuntimeError when the address cannot be bound.
+    """
+    client = await connect_redis(config.redis_url)
+    if tokenizer is None:
+        tokenizer = await asyncio.to_thread(PromptTokenizer.load, config)
+    channel = secure_channel(
+        config.scheduler.target,
+        service_channel_credentials(config.tls.cert_dir, SERVICE_NAME),
+        server_name=SCHEDULER_SERVICE_NAME,
+    )
+    servicer = InferenceServicer(
+        config,
+        tokenizer,
+        TenantLimiter(client, lease_ttl_seconds),
+        UsageRecorder(client),
+        scheduler_pb2_grpc.SchedulerStub(channel),
+    )
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+        return [INFERENCE_SERVICE]
+
+    try:
+        # Admission checks the tenant identity itself, so every verified
+        # certificate may reach the servicer.
+        running = await start_server(
+            SERVICE_NAME, listen or config.admission.listen, config.tls.cert_dir, register, allowed_peer=None
+        )
+    except BaseException:
+        await channel.close()
+        await client.aclose()
+        raise
+    return AdmissionServer(running=running, redis=client, scheduler_channel=channel)
+
+
+async def connect_redis(url: str, timeout: float = REDIS_CONNECT_TIMEOUT_SECONDS) -> redis.asyncio.Redis:
+    """Return a client for ``url`` once the server replies to PING, retrying for ``timeout`` seconds.
+
+    Raises ConfigError when the URL is empty or the server does not reply.
+    """
+    if not url:
+        raise ConfigError(
+            "redis_url is empty: admission keeps tenant limits and usage in a Redis-compatible server; "
+            "set TENANTSERVE_REDIS_URL or redis_url in the config file (`tenantserve up` starts one for you)"
+        )
+    client = redis_client(url)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await client.ping()
+            return client
+        except redis.exceptions.RedisError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                await client.aclose()
+                raise ConfigError(f"Redis at {url} did not reply to PING within {timeout:.0f} s: {exc}") from exc
+            logger.warning("Redis at %s is not reachable yet: %s; retrying", url, exc)
+            await asyncio.sleep(0.5)
+
+
+async def serve(config: Config) -> None:
+    """Run the admission service until SIGTERM or SIGINT, then stop it gracefully."""
+    server = await start_admission(config)
+    metrics_port = start_metrics_server(config.admission.metrics_port)
+    logger.info(
+        "listening on %s (port %d), scheduler at %s, metrics port %d",
+        config.admission.listen,
+        server.port,
+        config.scheduler.target,
+        metrics_port,
+    )
+
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop_requested.set)
+    await stop_requested.wait()
+
+    logger.info("stopping")
+    await server.stop()
+    logger.info("stopped")

@@ -1,0 +1,170 @@
+"""The public Inference API: authenticate, validate, limit, then relay to the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+import redis.exceptions
+
+from services.common.config import Config, TenantConfig
+from services.common.errors import ResourceExhausted, ServiceError, Unavailable, map_errors
+from tenantserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+from . import metrics
+from .auth import authenticate_tenant
+from .generation import AdmittedRequest, GenerationRelay
+from .limits import StreamLease, TenantLimiter, rejection_message
+from .tokenization import PromptTokenizer
+from .usage import UsageRecorder
+from .validation import check_context_length, effective_service_class, validate_request
+
+logger = logging.getLogger(__name__)
+
+QUOTA_STORE_UNAVAILABLE = "the quota store is unavailable; retry the request"
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """Serve tenants; the tenant is always the one named by the client certificate."""
+
+    def __init__(
+        self,
+        config: Config,
+        tokenizer: PromptTokenizer,
+        limiter: TenantLimiter,
+        usage: UsageRecorder,
+        scheduler: scheduler_pb2_grpc.SchedulerStub,
+    ) -> None:
+        self._config = config
+        self._tokenizer = tokenizer
+        self._limiter = limiter
+        self._usage = usage
+        self._scheduler = scheduler
+
+    @map_errors
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        """Stream the completion of ``request`` as deltas followed by one result.
+
+        Status codes: UNAUTHENTICATED without a tenantserve certificate,
+        PERMISSION_DENIED for a service certificate or an unconfigured
+        tenant, NOT_FOUND for an unknown model, INVALID_ARGUMENT for an
+        invalid field. RESOURCE_EXHAUSTED when a tenant limit or the
+        scheduler's queue is full, UNAVAILABLE when Redis or the scheduler
+        cannot be reached, and the scheduler's code for its other failures.
+        Every rejection ends the stream before any delta.
+        """
+        arrival_time = time.perf_counter()
+        tenant_label = metrics.UNKNOWN_TENANT
+        outcome = "ok"
+        try:
+            tenant = authenticate_tenant(context, self._config)
+            tenant_label = tenant.name
+            await self._generate(request, context, tenant, arrival_time)
+        except ServiceError as exc:
+            outcome = exc.code.name.lower()
+            raise
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            outcome = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            raise
+        finally:
+            metrics.REQUESTS.labels(tenant_label, outcome).inc()
+
+    async def _generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        tenant: TenantConfig,
+        arrival_time: float,
+    ) -> None:
+        model = validate_request(request, self._config)
+        prompt_token_ids = await self._tokenizer.tokenize(request, model)
+        check_context_length(len(prompt_token_ids), request.sampling.max_tokens, model)
+
+        request_id = uuid.uuid4().hex
+        log_extra = {"request_id": request_id, "tenant_id": tenant.name}
+        lease = await self._admit(tenant, request_id)
+        logger.info(
+            "admitted request: model %s, %d prompt tokens, max_tokens %d, client_request_id %r",
+            model.name,
+            len(prompt_token_ids),
+            request.sampling.max_tokens,
+            request.client_request_id,
+            extra=log_extra,
+        )
+
+        schedule_request = scheduler_pb2.ScheduleRequest(
+            tenant_id=tenant.name,
+            request_id=request_id,
+            model=model.name,
+            prompt_token_ids=prompt_token_ids,
+            sampling=request.sampling,
+            service_class=effective_service_class(request.service_class),
+        )
+        admitted = AdmittedRequest(schedule_request, request.client_request_id, lease, arrival_time)
+        metrics.ACTIVE_STREAMS.labels(tenant.name).inc()
+        try:
+            result = await GenerationRelay(self._scheduler, self._usage, admitted).run(context)
+        finally:
+            metrics.ACTIVE_STREAMS.labels(tenant.name).dec()
+            metrics.REQUEST_LATENCY.labels(tenant.name).observe(time.perf_counter() - arrival_time)
+        logger.info(
+            "finished request: %s, %d completion tokens",
+            common_pb2.FinishReason.Name(result.finish_reason),
+            result.usage.completion_tokens,
+            extra=log_extra,
+        )
+
+    async def _admit(self, tenant: TenantConfig, request_id: str) -> StreamLease:
+        try:
+            decision = await self._limiter.admit(tenant, request_id)
+        except redis.exceptions.RedisError as exc:
+            logger.error("admission decision failed: %s", exc, extra={"request_id": request_id, "tenant_id": tenant.name})
+            raise Unavailable(QUOTA_STORE_UNAVAILABLE) from exc
+        if not decision.admitted:
+            raise ResourceExhausted(rejection_message(tenant, decision))
+        return StreamLease(self._limiter, tenant.name, request_id)
+
+    @map_errors
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        """Return every configured model. Status codes: UNAUTHENTICATED, PERMISSION_DENIED."""
+        authenticate_tenant(context, self._config)
+        return inference_pb2.ListModelsResponse(
+            models=[
+                inference_pb2.ModelInfo(
+                    name=model.name,
+                    max_context_tokens=model.max_context_tokens,
+                    max_completion_tokens=model.max_completion_tokens,
+                )
+                for model in self._config.models
+            ]
+        )
+
+    @map_errors
+    async def GetUsage(
+        self, request: inference_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GetUsageResponse:
+        """Return the calling tenant's own counters and open streams.
+
+        Status codes: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE when
+        Redis cannot be reached.
+        """
+        tenant = authenticate_tenant(context, self._config)
+        try:
+            usage = await self._usage.get(tenant.name)
+            num_active_streams = await self._limiter.num_active_streams(tenant.name)
+        except redis.exceptions.RedisError as exc:
+            logger.error("reading usage failed: %s", exc, extra={"tenant_id": tenant.name})
+            raise Unavailable(QUOTA_STORE_UNAVAILABLE) from exc
+        return inference_pb2.GetUsageResponse(
+            tenant_id=tenant.name,
+            num_requests=usage.num_requests,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            num_active_streams=num_active_streams,
+        )

@@ -1,0 +1,45 @@
+"""Tokenizers of the configured models, used to count and send prompt tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.common.config import Config, ModelConfig
+from services.common.gguf_tokenizer import ChatTokenizer, load_chat_tokenizer
+from tenantserve.v1 import inference_pb2
+
+from .validation import chat_messages
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTokenizer:
+    """Turn a request's prompt into token ids with its model's GGUF tokenizer."""
+
+    def __init__(self, tokenizers: dict[str, ChatTokenizer]) -> None:
+        self._tokenizers = tokenizers
+
+    @classmethod
+    def load(cls, config: Config) -> PromptTokenizer:
+        """Load the tokenizer of every configured model.
+
+        Raises ConfigError for a model whose GGUF package is missing, and
+        OSError or TokenizerError for a file without a usable tokenizer.
+        """
+        tokenizers = {}
+        for model in config.models:
+            path = model.gguf_path()
+            tokenizers[model.name] = load_chat_tokenizer(path)
+            logger.info("loaded the tokenizer of model %s from %s", model.name, path)
+        return cls(tokenizers)
+
+    async def tokenize(self, request: inference_pb2.GenerateRequest, model: ModelConfig) -> list[int]:
+        """Return the prompt token ids: chat messages go through the chat template, a raw prompt does not.
+
+        Runs in a worker thread so that a long prompt does not stall other streams.
+        """
+        tokenizer = self._tokenizers[model.name]
+        if request.WhichOneof("input") == "prompt":
+            return await asyncio.to_thread(tokenizer.encode, request.prompt)
+        return await asyncio.to_thread(tokenizer.encode_chat, chat_messages(request))

@@ -1,0 +1,264 @@
+"""The admission gRPC server in process: identity, validation and limits before the scheduler.
+
+The config points the scheduler at a closed port, so every request that
+passes admission ends with UNAVAILABLE from the scheduler hop. The
+end-to-end tests cover the path through a real scheduler and worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from services.admission.limits import TenantLimiter, rate_key, streams_key
+from services.admission.server import start_admission
+from services.admission.usage import usage_key
+from services.common.config import DEFAULT_CONFIG_PATH, ConfigError
+from services.common.valkey import redis_client
+from tenantserve.v1 import inference_pb2
+
+from .support import (
+    MODEL,
+    chat_request,
+    collect_stream,
+    make_cert_dir,
+    make_config,
+    running_admission,
+    service_stub,
+    tenant_stub,
+)
+
+
+def unique_name() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def test_list_models_for_tenant(tmp_path: Path, valkey_url: str) -> None:
+    tenant = unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant])
+    config = make_config(cert_dir, valkey_url, [{"name": tenant}])
+
+    async def main() -> inference_pb2.ListModelsResponse:
+        async with running_admission(config) as server:
+            channel, stub = tenant_stub(cert_dir, tenant, server.port)
+            async with channel:
+                return await stub.ListModels(inference_pb2.ListModelsRequest())
+
+    response = asyncio.run(main())
+
+    assert [model.name for model in response.models] == [MODEL]
+    assert response.models[0].max_context_tokens == 2048
+    assert response.models[0].max_completion_tokens == 1024
+
+
+def test_get_usage_returns_own_counters(tmp_path: Path, valkey_url: str) -> None:
+    tenant, other = unique_name(), unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant, other])
+    config = make_config(cert_dir, valkey_url, [{"name": tenant}, {"name": other}])
+
+    async def main() -> inference_pb2.GetUsageResponse:
+        client = redis_client(valkey_url)
+        await client.hset(usage_key(tenant), mapping={"requests": 3, "prompt_tokens": 70, "completion_tokens": 9})
+        await client.hset(usage_key(other), mapping={"requests": 100})
+        await client.aclose()
+        async with running_admission(config) as server:
+            channel, stub = tenant_stub(cert_dir, tenant, server.port)
+            async with channel:
+                return await stub.GetUsage(inference_pb2.GetUsageRequest())
+
+    response = asyncio.run(main())
+
+    assert response.tenant_id == tenant
+    assert response.num_requests == 3
+    assert response.prompt_tokens == 70
+    assert response.completion_tokens == 9
+    assert response.num_active_streams == 0
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "ListModels", "GetUsage"])
+def test_service_certificate_rejected(tmp_path: Path, valkey_url: str, rpc: str) -> None:
+    cert_dir = make_cert_dir(tmp_path, [])
+    config = make_config(cert_dir, valkey_url, [{"name": "alpha"}])
+    requests = {
+        "Generate": chat_request(),
+        "ListModels": inference_pb2.ListModelsRequest(),
+        "GetUsage": inference_pb2.GetUsageRequest(),
+    }
+
+    async def main() -> grpc.aio.AioRpcError:
+        async with running_admission(config) as server:
+            channel, stub = service_stub(cert_dir, "scheduler", server.port)
+            async with channel:
+                call = getattr(stub, rpc)(requests[rpc])
+                if rpc == "Generate":
+                    responses, error = await collect_stream(call)
+                    assert responses == []
+                    assert error is not None
+                    return error
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                return caught.value
+
+    error = asyncio.run(main())
+
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "for tenants" in error.details()
+
+
+def test_unconfigured_tenant_rejected(tmp_path: Path, valkey_url: str) -> None:
+    cert_dir = make_cert_dir(tmp_path, ["stranger"])
+    config = make_config(cert_dir, valkey_url, [{"name": "alpha"}])
+
+    async def main() -> tuple[grpc.aio.AioRpcError | None, int]:
+        async with running_admission(config) as server:
+            channel, stub = tenant_stub(cert_dir, "stranger", server.port)
+            async with channel:
+                _, error = await collect_stream(stub.Generate(chat_request()))
+        client = redis_client(valkey_url)
+        num_keys = len(await client.keys("{stranger}:*"))
+        await client.aclose()
+        return error, num_keys
+
+    error, num_keys = asyncio.run(main())
+
+    assert error is not None
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "tenant 'stranger' is not configured"
+    assert num_keys == 0
+
+
+def test_invalid_request_ends_before_delta(tmp_path: Path, valkey_url: str) -> None:
+    tenant = unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant])
+    config = make_config(cert_dir, valkey_url, [{"name": tenant}])
+
+    async def main() -> tuple[list[object], grpc.aio.AioRpcError | None, int]:
+        async with running_admission(config) as server:
+            channel, stub = tenant_stub(cert_dir, tenant, server.port)
+            async with channel:
+                responses, error = await collect_stream(stub.Generate(chat_request(max_tokens=0)))
+        client = redis_client(valkey_url)
+        num_rate_entries = await client.zcard(rate_key(tenant))
+        await client.aclose()
+        return responses, error, num_rate_entries
+
+    responses, error, num_rate_entries = asyncio.run(main())
+
+    assert responses == []
+    assert error is not None
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "sampling.max_tokens: must be between 1 and 1024, got 0"
+    assert num_rate_entries == 0
+
+
+def test_prompt_over_context_rejected(tmp_path: Path, valkey_url: str) -> None:
+    tenant = unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant])
+    config = make_config(cert_dir, valkey_url, [{"name": tenant}])
+    # " hello" is one token, so the chat is well over 2048 tokens.
+    request = chat_request(content="hello" + " hello" * 2100, max_tokens=1)
+
+    async def main() -> grpc.aio.AioRpcError | None:
+        async with running_admission(config) as server:
+            channel, stub = tenant_stub(cert_dir, tenant, server.port)
+            async with channel:
+                _, error = await collect_stream(stub.Generate(request))
+                return error
+
+    error = asyncio.run(main())
+
+    assert error is not None
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("prompt: ")
+    assert "exceed the context of 2048 tokens" in error.details()
+
+
+def test_rate_limit_rejection_names_limit(tmp_path: Path, valkey_url: str) -> None:
+    tenant = unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant])
+    config = make_config(cert_dir, valkey_url, [{"name": tenant, "requests_per_minute": 2}])
+    tenant_config = config.tenant(tenant)
+    assert tenant_config is not None
+
+    async def main() -> grpc.aio.AioRpcError | None:
+        client = redis_client(valkey_url)
+        limiter = TenantLimiter(client)
+        for request_id in ("earlier-1", "earlier-2"):
+            assert (await limiter.admit(tenant_config, request_id)).admitted
+        await client.aclose()
+        async with running_admission(config) as server:
+            channel, stub = tenant_stub(cert_dir, tenant, server.port)
+            async with channel:
+                _, error = await collect_stream(stub.Generate(chat_request()))
+                return error
+
+    error = asyncio.run(main())
+
+    assert error is not None
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"tenant '{tenant}' reached its limit requests_per_minute=2" in error.details()
+
+
+def test_unreachable_scheduler_refunds_request(tmp_path: Path, valkey_url: str) -> None:
+    tenant = unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant])
+    config = make_config(cert_dir, valkey_url, [{"name": tenant, "requests_per_minute": 1}])
+
+    async def main() -> tuple[list[grpc.aio.AioRpcError | None], int, int, dict[bytes, bytes]]:
+        errors = []
+        async with running_admission(config) as server:
+            channel, stub = tenant_stub(cert_dir, tenant, server.port)
+            async with channel:
+                # With requests_per_minute=1, the second request would be
+                # rejected by the limit if the first had not been refunded.
+                for _ in range(2):
+                    _, error = await collect_stream(stub.Generate(chat_request()))
+                    errors.append(error)
+        client = redis_client(valkey_url)
+        state = (await client.zcard(rate_key(tenant)), await client.zcard(streams_key(tenant)), await client.hgetall(usage_key(tenant)))
+        await client.aclose()
+        return errors, *state
+
+    errors, num_rate_entries, num_leases, usage = asyncio.run(main())
+
+    assert [error.code() if error else None for error in errors] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert num_rate_entries == 0
+    assert num_leases == 0
+    assert usage == {}
+
+
+def test_start_without_redis_url_fails(tmp_path: Path) -> None:
+    cert_dir = make_cert_dir(tmp_path, [])
+    config = make_config(cert_dir, "", [{"name": "alpha"}])
+
+    with pytest.raises(ConfigError, match="redis_url is empty"):
+        asyncio.run(start_admission(config, listen="127.0.0.1:0"))
+
+
+def test_process_exits_without_redis_url(tmp_path: Path) -> None:
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw.update(state_dir=str(tmp_path), redis_url="")
+    raw["services"]["admission"].update(listen="127.0.0.1:0", metrics_port=0)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    environment = {"PATH": "/usr/bin:/bin", "TENANTSERVE_REDIS_URL": ""}
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "services.admission", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+    assert completed.returncode == 2
+    assert "redis_url is empty" in completed.stderr
+    assert "TENANTSERVE_REDIS_URL" in completed.stderr
