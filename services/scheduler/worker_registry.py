@@ -173,6 +173,9 @@ class WorkerRegistry:
         if not handle.live and handle.num_in_flight == 0:
             self._close_channel(handle)
 
+    def workers(self) -> list[WorkerHandle]:
+        return list(self._workers.values())
+
     def workers_for_model(self, model: str) -> list[WorkerHandle]:
         return [handle for handle in self._workers.values() if model in handle.report.models]
 

@@ -32,12 +32,15 @@ WAIT_TIMEOUT_SECONDS = 30.0
 CALL_TIMEOUT_SECONDS = 30.0
 
 
-def make_config(tmp_path: Path, cert_dir: Path, **scheduler_fields: Any) -> Config:
-    """Return the default config with the test certificates and the given scheduler fields."""
+def make_config(
+    tmp_path: Path, cert_dir: Path, worker_fields: dict[str, Any] | None = None, **scheduler_fields: Any
+) -> Config:
+    """Return the default config with the test certificates, loopback ports 0 and the given fields."""
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["state_dir"] = str(tmp_path / "state")
     raw["tls"]["cert_dir"] = str(cert_dir)
     raw["services"]["scheduler"].update(listen="127.0.0.1:0", metrics_port=0, **scheduler_fields)
+    raw["services"]["worker_gpu"].update(listen="127.0.0.1:0", metrics_port=0, **(worker_fields or {}))
     return parse_config(raw, environ={})
 
 

@@ -253,7 +253,7 @@ def test_deadline_while_queued_removes_request(tmp_path: Path, cert_dir: Path) -
             placed = [stub.Schedule(make_schedule_request(f"placed-{i}")) for i in range(3)]
             await wait_until(lambda: len(worker.running) == 3, "the worker runs 3 requests")
 
-            # The worker holds every request, so this one can only time out in the queue.
+            # The worker keeps every placed request open, so this one can only time out in the queue.
             error = await expect_error(stub.Schedule(make_schedule_request("late"), timeout=0.5))
 
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
