@@ -51,6 +51,9 @@ async def relay_request(
                     yield response
             return
         except WorkerLost as exc:
+            # A worker that fails a call with UNAVAILABLE is dropped, so it
+            # gets no further requests until it registers again.
+            dispatcher.registry.drop(worker, str(exc))
             if num_responses > 0:
                 # The caller has already received part of the completion,
                 # and another worker cannot continue the same sequence, so
@@ -83,6 +86,8 @@ async def _wait_for_placement(request: PendingRequest, dispatcher: Dispatcher) -
 async def _call_worker(
     worker: WorkerHandle, request: PendingRequest, timeout: float | None
 ) -> AsyncIterator[common_pb2.GenerateResponse]:
+    if not worker.live:
+        raise WorkerLost(f"worker {worker.worker_id} left")
     call = worker.stub.Generate(to_worker_request(request.message), timeout=timeout)
     worker.calls_before_first_response.add(call)
     try:

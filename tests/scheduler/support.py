@@ -86,7 +86,7 @@ class StubWorker(worker_pb2_grpc.WorkerServicer):
     """A Worker servicer that streams ``num_deltas`` deltas ("t0", "t1", ...) and a result.
 
     With ``hold_at`` set, each request waits before sending delta number
-    ``hold_at`` until ``release`` is set (``hold_at=0`` holds before the
+    ``hold_at`` until ``release`` is set (``hold_at=0`` waits before the
     first response). A request whose prompt starts with ``REJECTED_TOKEN``
     fails with INVALID_ARGUMENT.
     """

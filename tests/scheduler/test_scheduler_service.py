@@ -403,3 +403,33 @@ def test_admission_certificate_cannot_register(tmp_path: Path, cert_dir: Path) -
             assert len(scheduler.server.registry) == 0
 
     run(scenario)
+
+
+def test_unreachable_worker_fails_over_and_is_dropped(tmp_path: Path, cert_dir: Path) -> None:
+    async def scenario() -> None:
+        stopped = StubWorker("stopped", hold_at=0)
+        healthy = StubWorker("healthy")
+        stopped_server = await start_stub_worker(cert_dir, stopped)
+        healthy_server = await start_stub_worker(cert_dir, healthy)
+        async with running_scheduler(tmp_path, cert_dir) as scheduler:
+            # The stopped worker keeps its registration open, and placement
+            # prefers it for its free KV cache blocks.
+            stopped_registration = await scheduler.register(
+                make_report("stopped", stopped_server.port, num_free_kv_blocks=1000)
+            )
+            healthy_registration = await scheduler.register(make_report("healthy", healthy_server.port))
+            call = scheduler.stub().Schedule(make_schedule_request("r1"), timeout=CALL_TIMEOUT_SECONDS)
+            await wait_until(lambda: stopped.running == {"r1"}, "the stopped worker has the request")
+
+            await stopped_server.stop(None)
+            responses = [response async for response in call]
+
+            assert delta_texts(responses) == ["t0", "t1", "t2"]
+            assert [request.request_id for request in healthy.received] == ["r1"]
+            assert scheduler.server.registry.get("stopped") is None
+            await stopped_registration.call.write(make_report("stopped", stopped_server.port))
+            assert await stopped_registration.call.code() == grpc.StatusCode.ABORTED
+            await healthy_registration.close()
+        await healthy_server.stop(None)
+
+    run(scenario)
