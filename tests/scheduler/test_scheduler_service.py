@@ -252,6 +252,7 @@ def test_deadline_while_queued_removes_request(tmp_path: Path, cert_dir: Path) -
             stub = scheduler.stub()
             placed = [stub.Schedule(make_schedule_request(f"placed-{i}")) for i in range(3)]
             await wait_until(lambda: len(worker.running) == 3, "the worker runs 3 requests")
+            num_deadline_exceeded_before = requests_total("DEADLINE_EXCEEDED")
 
             # The worker keeps every placed request open, so this one can only time out in the queue.
             error = await expect_error(stub.Schedule(make_schedule_request("late"), timeout=0.5))
@@ -259,6 +260,10 @@ def test_deadline_while_queued_removes_request(tmp_path: Path, cert_dir: Path) -
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             await wait_until(lambda: scheduler.queue_depth() == 0, "the request leaves the queue")
             assert [request.request_id for request in worker.received if request.request_id == "late"] == []
+            await wait_until(
+                lambda: requests_total("DEADLINE_EXCEEDED") == num_deadline_exceeded_before + 1,
+                "the scheduler counts the request as DEADLINE_EXCEEDED",
+            )
             for call in placed:
                 call.cancel()
             await registration.close()
