@@ -20,11 +20,14 @@ STORY_REQUEST = "Write a long story about a dragon who learns to bake bread."
 TEST_NUM_THREADS = 2
 
 
-def make_config(**worker_overrides: Any) -> Config:
+def make_config(max_context_tokens: int | None = None, **worker_overrides: Any) -> Config:
     """The default config without environment overrides, with a small KV cache."""
     config = load_config(environ={})
     worker = dataclasses.replace(config.worker_gpu, **{"num_kv_blocks": 256, **worker_overrides})
-    return dataclasses.replace(config, worker_gpu=worker)
+    models = config.models
+    if max_context_tokens is not None:
+        models = tuple(dataclasses.replace(model, max_context_tokens=max_context_tokens) for model in models)
+    return dataclasses.replace(config, worker_gpu=worker, models=models)
 
 
 @functools.cache
@@ -59,8 +62,10 @@ class StepRecorder:
             return len(self.steps)
 
 
-def start_engine(observer: StepRecorder | None = None, **worker_overrides: Any) -> InferenceEngine:
-    engine = build_engine(make_config(**worker_overrides), loaded_model(), observer)
+def start_engine(
+    observer: StepRecorder | None = None, max_context_tokens: int | None = None, **worker_overrides: Any
+) -> InferenceEngine:
+    engine = build_engine(make_config(max_context_tokens, **worker_overrides), loaded_model(), observer)
     engine.start()
     return engine
 
