@@ -67,8 +67,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             outcome = exc.code.name.lower()
             raise
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            outcome = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            outcome = _cancellation_outcome(context)
             raise
         finally:
             metrics.REQUESTS.labels(tenant_label, outcome).inc()
@@ -108,6 +107,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         metrics.ACTIVE_STREAMS.labels(tenant.name).inc()
         try:
             result = await GenerationRelay(self._scheduler, self._usage, admitted).run(context)
+        except asyncio.CancelledError:
+            logger.info("request ended early: %s", _cancellation_outcome(context), extra=log_extra)
+            raise
+        except ServiceError as exc:
+            logger.error("request failed: %s: %s", exc.code.name, exc.message, extra=log_extra)
+            raise
         finally:
             metrics.ACTIVE_STREAMS.labels(tenant.name).dec()
             metrics.REQUEST_LATENCY.labels(tenant.name).observe(time.perf_counter() - arrival_time)
@@ -168,3 +173,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             completion_tokens=usage.completion_tokens,
             num_active_streams=num_active_streams,
         )
+
+
+def _cancellation_outcome(context: grpc.aio.ServicerContext) -> str:
+    """Tell a passed deadline from a caller's cancellation; both cancel the handler."""
+    remaining = context.time_remaining()
+    return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
