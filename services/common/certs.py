@@ -274,7 +274,7 @@ def _check_name(label: str, name: str) -> None:
 
 
 def _pair_exists(cert_path: Path, key_path: Path) -> bool:
-    """Return whether both files exist; raise when only one of them does."""
+    """Return whether both files exist, and raise CertificateError when only one does."""
     cert_exists, key_exists = cert_path.exists(), key_path.exists()
     if cert_exists != key_exists:
         present, missing = (cert_path, key_path) if cert_exists else (key_path, cert_path)

@@ -18,7 +18,7 @@ from services.common.tls import SERVER_OPTIONS, server_credentials
 
 logger = logging.getLogger(__name__)
 
-# Reachable by any peer with a verified certificate, whatever allowed_peer says.
+# Reachable by any peer with a verified certificate, whatever the allowed_peer setting.
 OPEN_SERVICE_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",

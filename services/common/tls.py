@@ -13,7 +13,7 @@ INIT_HINT = "`tenantserve certs init`"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # Client keepalive: a ping every 30 s on an idle connection finds a dead peer
-# (for example a worker host that lost power) within 30 s + 10 s.
+# (for example a worker host that lost power) within about 40 s (30 s idle + 10 s timeout).
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -26,9 +26,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 # Server side: accept the client pings above. After max_ping_strikes pings
 # closer together than min_ping_interval the server closes the connection
 # with GOAWAY, so that interval stays below the client's 30 s.
-# grpcio sets SO_REUSEPORT by default, which lets a second server bind the
-# same port and silently share its connections; it is turned off so that
-# binding a port in use fails.
+# grpcio sets SO_REUSEPORT by default. A second server could then bind the
+# same port and silently take part of its connections, so it is turned off
+# and binding a port in use fails.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -85,7 +85,7 @@ def _channel_credentials(cert_dir: Path, cert_path: Path, key_path: Path, hint: 
 
 
 def _read(path: Path, hint: str) -> bytes:
-    """Read a PEM file; ``hint`` is the command that creates it, for the error message."""
+    """Read a PEM file. ``hint`` names the command that creates it, for the error message."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:

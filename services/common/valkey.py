@@ -31,7 +31,7 @@ PORT_IN_USE_MESSAGE = "Address already in use"
 
 
 class ValkeyStartError(RuntimeError):
-    """valkey-server exited or did not answer PING during start-up."""
+    """valkey-server exited or did not reply to PING during start-up."""
 
 
 class ValkeyServer:
@@ -70,10 +70,10 @@ class ValkeyServer:
         return self._process is not None and self._process.poll() is None
 
     def start(self, data_dir: Path | None = None) -> None:
-        """Start valkey-server with its data in ``data_dir`` and wait until it answers PING.
+        """Start valkey-server with its data in ``data_dir`` and wait until it replies to PING.
 
         A new free port is tried when the chosen one is taken in the meantime.
-        Raises ValkeyStartError when the server exits or does not answer
+        Raises ValkeyStartError when the server exits or does not reply to
         PING within ``startup_timeout`` seconds.
         """
         if self._process is not None:

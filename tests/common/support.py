@@ -22,6 +22,10 @@ TEST_HOSTS = ("localhost", "127.0.0.1")
 WORKER_SERVICE = "tenantserve.v1.Worker"
 TEST_WORKER_ID = "test-worker"
 WHOAMI_METHOD = "/tenantserve.test.Identity/WhoAmI"
+# Bidirectional and client-streaming methods: they reply with the received
+# messages joined into one (client-streaming) or echoed one by one (bidirectional).
+ECHO_STREAM_METHOD = "/tenantserve.test.Identity/EchoStream"
+JOIN_METHOD = "/tenantserve.test.Identity/Join"
 
 
 def make_cert_dir(tmp_path: Path, hosts: Sequence[str] = TEST_HOSTS) -> Path:
@@ -72,10 +76,24 @@ async def whoami(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return f"{peer.kind.value}:{peer.name}".encode()
 
 
+async def echo_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield request
+
+
+async def join(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    return b"".join([request async for request in requests])
+
+
 def register_test_services(server: grpc.aio.Server) -> list[str]:
     worker_pb2_grpc.add_WorkerServicer_to_server(ReportingWorker(), server)
     identity_handler = grpc.method_handlers_generic_handler(
-        "tenantserve.test.Identity", {"WhoAmI": grpc.unary_unary_rpc_method_handler(whoami)}
+        "tenantserve.test.Identity",
+        {
+            "WhoAmI": grpc.unary_unary_rpc_method_handler(whoami),
+            "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream),
+            "Join": grpc.stream_unary_rpc_method_handler(join),
+        },
     )
     server.add_generic_rpc_handlers((identity_handler,))
     return [WORKER_SERVICE]

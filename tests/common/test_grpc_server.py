@@ -17,6 +17,8 @@ from services.common.grpc_server import start_server
 from services.common.identity import PeerKind
 from tenantserve.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
 from tests.common.support import (
+    ECHO_STREAM_METHOD,
+    JOIN_METHOD,
     TEST_WORKER_ID,
     WHOAMI_METHOD,
     WORKER_SERVICE,
@@ -55,6 +57,15 @@ async def whoami_call(channel: grpc.aio.Channel) -> bytes:
     return await channel.unary_unary(WHOAMI_METHOD)(b"", timeout=CALL_TIMEOUT)
 
 
+async def echo_stream_call(channel: grpc.aio.Channel, messages: list[bytes]) -> list[bytes]:
+    call = channel.stream_stream(ECHO_STREAM_METHOD)(iter(messages), timeout=CALL_TIMEOUT)
+    return [response async for response in call]
+
+
+async def join_call(channel: grpc.aio.Channel, messages: list[bytes]) -> bytes:
+    return await channel.stream_unary(JOIN_METHOD)(iter(messages), timeout=CALL_TIMEOUT)
+
+
 def test_service_certificate_passes(cert_dir: Path) -> None:
     async def scenario() -> None:
         async with running_server(cert_dir) as server:
@@ -67,6 +78,41 @@ def test_service_certificate_passes(cert_dir: Path) -> None:
         assert report.worker_id == TEST_WORKER_ID
         assert generated == ["Hello", " world"]
         assert identity == b"service:scheduler"
+
+    asyncio.run(scenario())
+
+
+def test_service_certificate_passes_client_streaming(cert_dir: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(cert_dir) as server:
+            credentials = tls.service_channel_credentials(cert_dir, "scheduler")
+            async with tls.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+                echoed = await echo_stream_call(channel, [b"a", b"b", b"c"])
+                joined = await join_call(channel, [b"a", b"b", b"c"])
+
+        assert echoed == [b"a", b"b", b"c"]
+        assert joined == b"abc"
+
+    asyncio.run(scenario())
+
+
+def test_tenant_rejected_on_client_streaming(cert_dir: Path) -> None:
+    # The calls send no request before the status arrives. In grpcio 1.85 an
+    # asyncio client whose write races with the server's early status may
+    # report INTERNAL "Internal error from Core" in place of that status.
+    async def scenario() -> None:
+        async with running_server(cert_dir) as server:
+            credentials = tls.tenant_channel_credentials(cert_dir, "alpha")
+            async with tls.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+                bidirectional_call = channel.stream_stream(ECHO_STREAM_METHOD)(timeout=CALL_TIMEOUT)
+                with pytest.raises(grpc.aio.AioRpcError) as bidirectional:
+                    await bidirectional_call.read()
+                client_streaming_call = channel.stream_unary(JOIN_METHOD)(timeout=CALL_TIMEOUT)
+                with pytest.raises(grpc.aio.AioRpcError) as client_streaming:
+                    await client_streaming_call
+
+        assert bidirectional.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert client_streaming.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     asyncio.run(scenario())
 
