@@ -75,10 +75,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.RegisterWorkerResponse]:
         """Register the calling worker and keep it registered while reports arrive.
 
-        Status codes: PERMISSION_DENIED for a caller that is not a worker
-        service, INVALID_ARGUMENT for a report without worker_id, address,
-        models or a positive max_batch_size, and ABORTED when the worker was
-        dropped for a missed heartbeat and must register again.
+        Status codes:
+        - PERMISSION_DENIED for a caller that is not a worker service.
+        - INVALID_ARGUMENT for a report without worker_id, address, models or
+          a positive max_batch_size, or one that changes worker_id or address.
+        - ABORTED when the scheduler dropped the worker while the stream was
+          open (a missed heartbeat, an unavailable Generate call or a newer
+          registration with the same worker_id), so it must register again.
         """
         peer = _require_caller(
             context, lambda peer: peer.name.startswith(WORKER_SERVICE_PREFIX), "only worker services may register"
