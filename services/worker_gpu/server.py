@@ -40,6 +40,7 @@ class WorkerServer:
     engine: InferenceEngine
     registration: SchedulerRegistration | None
     registration_task: asyncio.Task[None] | None
+    worker_id: str
     # host:port the worker reports to the scheduler.
     address: str
 
@@ -99,7 +100,7 @@ async def start_worker(
         credentials = service_channel_credentials(config.tls.cert_dir, SERVICE_NAME)
         registration = SchedulerRegistration(config.scheduler.target, credentials, identity.build_report)
         task = asyncio.get_running_loop().create_task(registration.run(), name="worker-registration")
-    return WorkerServer(running, engine, registration, task, identity.address)
+    return WorkerServer(running, engine, registration, task, identity.worker_id, identity.address)
 
 
 async def serve(config: Config) -> None:
