@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -11,6 +12,10 @@ from typing import Any
 
 import grpc
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.admission.server import AdmissionServer, start_admission
 from services.admission.tokenization import PromptTokenizer
@@ -74,6 +79,33 @@ async def running_admission(config: Config, lease_ttl_seconds: float = 30.0) -> 
 def tenant_stub(cert_dir: Path, tenant_id: str, port: int) -> tuple[grpc.aio.Channel, inference_pb2_grpc.InferenceStub]:
     channel = tls.secure_channel(f"127.0.0.1:{port}", tls.tenant_channel_credentials(cert_dir, tenant_id))
     return channel, inference_pb2_grpc.InferenceStub(channel)
+
+
+def client_credentials_with_sans(cert_dir: Path, sans: Sequence[x509.GeneralName]) -> grpc.ChannelCredentials:
+    """Issue a client certificate from the test CA carrying exactly ``sans`` and return credentials for it."""
+    ca_certificate, ca_key = certs.load_ca(cert_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test client")]))
+        .issuer_name(ca_certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return grpc.ssl_channel_credentials(
+        root_certificates=certs.ca_cert_path(cert_dir).read_bytes(),
+        private_key=key_pem,
+        certificate_chain=certificate.public_bytes(serialization.Encoding.PEM),
+    )
 
 
 def service_stub(cert_dir: Path, service_name: str, port: int) -> tuple[grpc.aio.Channel, inference_pb2_grpc.InferenceStub]:

@@ -15,18 +15,22 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 import yaml
 
 from services.admission.limits import TenantLimiter, rate_key, streams_key
 from services.admission.server import start_admission
 from services.admission.usage import usage_key
 from services.common.config import DEFAULT_CONFIG_PATH, ConfigError
-from services.common.valkey import redis_client
+from services.common import tls
+from services.common.valkey import ValkeyServer, redis_client
 from tenantserve.v1 import inference_pb2
+from tenantserve.v1.inference_pb2_grpc import InferenceStub
 
 from .support import (
     MODEL,
     chat_request,
+    client_credentials_with_sans,
     collect_stream,
     make_cert_dir,
     make_config,
@@ -132,6 +136,61 @@ def test_unconfigured_tenant_rejected(tmp_path: Path, valkey_url: str) -> None:
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error.details() == "tenant 'stranger' is not configured"
     assert num_keys == 0
+
+
+@pytest.mark.parametrize(
+    "sans",
+    [
+        [x509.DNSName("alpha")],
+        [x509.UniformResourceIdentifier("spiffe://other-domain/tenant/alpha")],
+        [x509.UniformResourceIdentifier("spiffe://tenantserve/tenant/alpha"),
+         x509.UniformResourceIdentifier("spiffe://tenantserve/tenant/beta")],
+    ],
+    ids=["dns name only", "foreign trust domain", "two tenant uris"],
+)
+def test_certificate_without_identity_unauthenticated(tmp_path: Path, valkey_url: str, sans: list[x509.GeneralName]) -> None:
+    cert_dir = make_cert_dir(tmp_path, [])
+    config = make_config(cert_dir, valkey_url, [{"name": "alpha"}, {"name": "beta"}])
+
+    async def main() -> tuple[list[object], grpc.aio.AioRpcError | None]:
+        async with running_admission(config) as server:
+            credentials = client_credentials_with_sans(cert_dir, sans)
+            async with tls.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+                return await collect_stream(InferenceStub(channel).Generate(chat_request()))
+
+    responses, error = asyncio.run(main())
+
+    assert responses == []
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_redis_outage_returns_unavailable(tmp_path: Path) -> None:
+    tenant = unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant])
+    valkey = ValkeyServer(tmp_path / "valkey", appendonly=False)
+    valkey.start()
+    config = make_config(cert_dir, valkey.url, [{"name": tenant}])
+
+    async def main() -> tuple[grpc.aio.AioRpcError | None, grpc.aio.AioRpcError]:
+        try:
+            async with running_admission(config) as server:
+                valkey.stop()
+                channel, stub = tenant_stub(cert_dir, tenant, server.port)
+                async with channel:
+                    _, generate_error = await collect_stream(stub.Generate(chat_request()))
+                    with pytest.raises(grpc.aio.AioRpcError) as usage_error:
+                        await stub.GetUsage(inference_pb2.GetUsageRequest())
+                    return generate_error, usage_error.value
+        finally:
+            valkey.stop()
+
+    generate_error, usage_error = asyncio.run(main())
+
+    assert generate_error is not None
+    assert generate_error.code() == grpc.StatusCode.UNAVAILABLE
+    assert generate_error.details() == "the quota store is unavailable; retry the request"
+    assert usage_error.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_invalid_request_ends_before_delta(tmp_path: Path, valkey_url: str) -> None:

@@ -81,3 +81,35 @@ def test_stop_strings_never_leak(stack: Any) -> None:
     assert at_word.result.finish_reason == common_pb2.FINISH_REASON_STOP_STRING
     assert inside_token.text == baseline.text[: baseline.text.index("ari")]
     assert inside_token.result.finish_reason == common_pb2.FINISH_REASON_STOP_STRING
+
+
+def test_admission_metrics_count_request(stack: Any) -> None:
+    port = stack.config.admission.metrics_port
+    labels = (("tenant_id", "gamma"),)
+    ok_labels = (("outcome", "ok"), ("tenant_id", "gamma"))
+    before = scrape_metrics(port)
+    channel, stub = inference_stub(stack, "gamma")
+    with channel:
+        generate(stub, chat_request(max_tokens=4))
+    after = scrape_metrics(port)
+
+    def increase(name: str, sample_labels: tuple[tuple[str, str], ...]) -> float:
+        return after[(name, sample_labels)] - before.get((name, sample_labels), 0.0)
+
+    assert increase("tenantserve_admission_requests_total", ok_labels) == 1
+    assert increase("tenantserve_admission_request_latency_seconds_count", labels) == 1
+    assert increase("tenantserve_admission_time_to_first_token_seconds_count", labels) == 1
+    assert after[("tenantserve_admission_active_streams", labels)] == 0
+
+
+def test_logs_omit_prompt_and_completion(stack: Any) -> None:
+    marker = "zanzibar-canary-5521"
+    channel, stub = inference_stub(stack, "beta")
+    with channel:
+        completion = generate(stub, chat_request(f"Repeat this word exactly: {marker}", max_tokens=16))
+    logs = {section: (stack.log_dir / f"{section}.log").read_text() for section in ("admission", "scheduler", "worker_gpu")}
+
+    # The request's own log line proves that the log was written.
+    assert completion.result.request_id in logs["admission"]
+    for section, text in logs.items():
+        assert marker not in text, section
