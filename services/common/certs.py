@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def init_certs(
     cert_dir = Path(cert_dir)
     for name in service_names:
         _check_name("service name", name)
+    # With every file present nothing is written, so a read-only cert_dir works.
+    if _all_present(cert_dir, service_names):
+        return
     with _locked(cert_dir):
         ca_certificate, ca_key = _load_or_create_ca(cert_dir)
         for name in service_names:
@@ -273,6 +277,14 @@ def _check_name(label: str, name: str) -> None:
         )
 
 
+def _all_present(cert_dir: Path, service_names: Sequence[str]) -> bool:
+    # Checked without the lock, so a half pair may be one that another
+    # process is writing; the locked path decides about it.
+    pairs = [(ca_cert_path(cert_dir), cert_dir / CA_KEY_FILE)]
+    pairs += [service_cert_paths(cert_dir, name) for name in service_names]
+    return all(cert_path.exists() and key_path.exists() for cert_path, key_path in pairs)
+
+
 def _pair_exists(cert_path: Path, key_path: Path) -> bool:
     """Return whether both files exist, and raise CertificateError when only one does."""
     cert_exists, key_exists = cert_path.exists(), key_path.exists()
@@ -294,11 +306,34 @@ def _write_pair(certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey, 
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a new file at ``path``; raise FileExistsError when it exists.
+
+    The data goes to a temporary file created with ``mode`` (O_EXCL, so the
+    mode applies from the first byte), which is then hard-linked to
+    ``path``. Readers therefore never see a partly written file, and
+    link() never replaces an existing one. On a file system without hard
+    links the file is written in place, still with O_EXCL and ``mode``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL: never overwrite, and the mode applies from the first byte.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    _write_exclusive(temporary, data, mode)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        logger.warning("hard link to %s failed (%s); writing it in place", path, exc.strerror)
+        _write_exclusive(path, data, mode)
+    finally:
+        temporary.unlink()
+
+
+def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 @contextlib.contextmanager

