@@ -27,7 +27,7 @@ from tests.common.support import (
     running_server,
 )
 
-# A deadline for each call, so a failed handshake ends the call instead of waiting for a retry.
+# A deadline for each call, so that a server that never replies fails the test instead of hanging it.
 CALL_TIMEOUT = 10.0
 
 
