@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -17,7 +18,7 @@ from tenantserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, schedu
 from . import metrics
 from .auth import authenticate_tenant
 from .generation import AdmittedRequest, GenerationRelay
-from .limits import StreamLease, TenantLimiter, rejection_message
+from .limits import Decision, StreamLease, TenantLimiter, rejection_message
 from .tokenization import PromptTokenizer
 from .usage import UsageRecorder
 from .validation import check_context_length, effective_service_class, validate_request
@@ -43,6 +44,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._limiter = limiter
         self._usage = usage
         self._scheduler = scheduler
+        # Strong references to fire-and-forget tasks, which asyncio keeps only weakly.
+        self._background_tasks: set[asyncio.Task[None]] = set()
 
     @map_errors
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -124,14 +127,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
     async def _admit(self, tenant: TenantConfig, request_id: str) -> StreamLease:
+        decision_task = asyncio.create_task(self._limiter.admit(tenant, request_id))
         try:
-            decision = await self._limiter.admit(tenant, request_id)
+            decision = await asyncio.shield(decision_task)
+        except asyncio.CancelledError:
+            # The script may admit the request after its caller is gone, so
+            # undo the admission once the decision arrives.
+            decision_task.add_done_callback(lambda task: self._undo_admission(task, tenant.name, request_id))
+            raise
         except redis.exceptions.RedisError as exc:
             logger.error("admission decision failed: %s", exc, extra={"request_id": request_id, "tenant_id": tenant.name})
             raise Unavailable(QUOTA_STORE_UNAVAILABLE) from exc
         if not decision.admitted:
             raise ResourceExhausted(rejection_message(tenant, decision))
         return StreamLease(self._limiter, tenant.name, request_id)
+
+    def _undo_admission(self, decision_task: asyncio.Task[Decision], tenant_id: str, request_id: str) -> None:
+        if decision_task.cancelled() or decision_task.exception() is not None or not decision_task.result().admitted:
+            return
+        release_task = asyncio.create_task(self._limiter.release(tenant_id, request_id, refund_rate=True))
+        self._background_tasks.add(release_task)
+        release_task.add_done_callback(self._background_tasks.discard)
+        release_task.add_done_callback(functools.partial(_log_failed_release, tenant_id, request_id))
 
     @map_errors
     async def ListModels(
@@ -179,3 +196,12 @@ def _cancellation_outcome(context: grpc.aio.ServicerContext) -> str:
     """Tell a passed deadline from a caller's cancellation; both cancel the handler."""
     remaining = context.time_remaining()
     return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+
+
+def _log_failed_release(tenant_id: str, request_id: str, release_task: asyncio.Task[None]) -> None:
+    if not release_task.cancelled() and release_task.exception() is not None:
+        logger.error(
+            "releasing the lease of a cancelled request failed: %s; it expires by itself",
+            release_task.exception(),
+            extra={"request_id": request_id, "tenant_id": tenant_id},
+        )

@@ -20,7 +20,8 @@ import yaml
 
 from services.admission.limits import TenantLimiter, rate_key, streams_key
 from services.admission.server import start_admission
-from services.admission.usage import usage_key
+from services.admission.servicer import InferenceServicer
+from services.admission.usage import UsageRecorder, usage_key
 from services.common.config import DEFAULT_CONFIG_PATH, ConfigError
 from services.common import tls
 from services.common.valkey import ValkeyServer, redis_client
@@ -32,6 +33,7 @@ from .support import (
     chat_request,
     client_credentials_with_sans,
     collect_stream,
+    default_tokenizer,
     make_cert_dir,
     make_config,
     running_admission,
@@ -291,6 +293,35 @@ def test_unreachable_scheduler_refunds_request(tmp_path: Path, valkey_url: str) 
     assert num_rate_entries == 0
     assert num_leases == 0
     assert usage == {}
+
+
+def test_cancel_during_decision_undoes_admission(tmp_path: Path, valkey_url: str) -> None:
+    tenant = unique_name()
+    cert_dir = make_cert_dir(tmp_path, [tenant])
+    config = make_config(cert_dir, valkey_url, [{"name": tenant}])
+    tenant_config = config.tenant(tenant)
+    assert tenant_config is not None
+
+    async def main() -> tuple[int, int]:
+        client = redis_client(valkey_url)
+        limiter = TenantLimiter(client)
+        servicer = InferenceServicer(config, default_tokenizer(), limiter, UsageRecorder(client), scheduler=None)
+        admission = asyncio.create_task(servicer._admit(tenant_config, "cancelled-early"))
+        await asyncio.sleep(0)  # the decision is now in flight
+        admission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+        # Wait for the shielded decision and the release it triggers.
+        while len(asyncio.all_tasks()) > 1:
+            await asyncio.sleep(0.01)
+        state = await client.zcard(rate_key(tenant)), await client.zcard(streams_key(tenant))
+        await client.aclose()
+        return state
+
+    num_rate_entries, num_leases = asyncio.run(main())
+
+    assert num_rate_entries == 0
+    assert num_leases == 0
 
 
 def test_start_without_redis_url_fails(tmp_path: Path) -> None:
