@@ -121,6 +121,8 @@ class GenerationRelay:
         await asyncio.shield(self._settle(refund_rate))
 
     async def _settle(self, refund_rate: bool) -> None:
+        # NOTE: usage is written only here, at the end of the stream, so a
+        # request whose admission process dies mid-stream is never counted.
         admitted = self._admitted
         try:
             await admitted.lease.release(refund_rate=refund_rate)
