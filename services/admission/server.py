@@ -125,7 +125,7 @@ async def connect_redis(url: str, timeout: float = REDIS_CONNECT_TIMEOUT_SECONDS
 async def serve(config: Config) -> None:
     """Run the admission service until SIGTERM or SIGINT, then stop it gracefully."""
     server = await start_admission(config)
-    metrics_port = start_metrics_server(config.admission.metrics_port)
+    metrics_port = start_metrics_server(config.admission.metrics_port, config.admission.metrics_host)
     logger.info(
         "listening on %s (port %d), scheduler at %s, metrics port %d",
         config.admission.listen,

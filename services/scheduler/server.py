@@ -79,7 +79,7 @@ async def start_scheduler(config: Config, *, listen: str | None = None) -> Sched
 
 async def serve(config: Config) -> None:
     """Run the scheduler until SIGTERM or SIGINT, then stop it gracefully."""
-    metrics_port = start_metrics_server(config.scheduler.metrics_port)
+    metrics_port = start_metrics_server(config.scheduler.metrics_port, config.scheduler.metrics_host)
     server = await start_scheduler(config)
     logger.info(
         "listening on %s (port %d), max_queue_size %d, heartbeat_timeout_seconds %g, metrics port %d",
