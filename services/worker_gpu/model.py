@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker_gpu.gguf_loader import LlamaConfig, LlamaWeights
+from services.worker_gpu.linear import Linear, make_linear
 
 
 @dataclass(frozen=True)
@@ -24,24 +25,25 @@ class AttentionInput:
 
     # Cache slot each new token's key and value are written to.
     write_slots: torch.Tensor  # [B * Q] int64
-    # Cache slots each sequence attends to, in position order.
-    read_slots: torch.Tensor  # [B, L] int64
-    # True where query q of sequence b may attend to key position l.
-    mask: torch.Tensor  # [B, 1, Q, L] bool
+    # Cache slots each sequence attends to, in position order, flattened.
+    read_slots: torch.Tensor  # [B * L] int64
+    # 0 where query q of sequence b may attend to key position l, -inf elsewhere.
+    mask: torch.Tensor  # [B, 1, Q, L] in the model's dtype
     cos: torch.Tensor  # [B, Q, 1, head_dim]
     sin: torch.Tensor  # [B, Q, 1, head_dim]
 
 
 class LlamaLayer:
-    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: LlamaConfig, norms: tuple[torch.Tensor, torch.Tensor], linears: dict[str, Linear]
+    ) -> None:
         self.config = config
-        self.attn_norm = weights["attn_norm"]
+        self.attn_norm, self.ffn_norm = norms
         # q, k and v share one matmul, and so do gate and up.
-        self.qkv_proj = weights["qkv_proj"]  # [(H + 2 * KVH) * D, hidden]
-        self.o_proj = weights["o_proj"]
-        self.ffn_norm = weights["ffn_norm"]
-        self.gate_up_proj = weights["gate_up_proj"]  # [2 * intermediate, hidden]
-        self.down_proj = weights["down_proj"]
+        self.qkv_proj = linears["qkv_proj"]  # [(H + 2 * KVH) * D, hidden]
+        self.o_proj = linears["o_proj"]
+        self.gate_up_proj = linears["gate_up_proj"]  # [2 * intermediate, hidden]
+        self.down_proj = linears["down_proj"]
 
     def forward(self, hidden: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionInput) -> torch.Tensor:
         hidden = hidden + self._attention(rms_norm(hidden, self.attn_norm, self.config.rms_norm_eps), kv_cache, attn)
@@ -52,24 +54,28 @@ class LlamaLayer:
         batch_size, num_queries, _ = x.shape
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
-        q, k, v = F.linear(x, self.qkv_proj).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(batch_size, num_queries, config.num_heads, config.head_dim), attn.cos, attn.sin)
-        k = apply_rotary(k.view(batch_size, num_queries, config.num_kv_heads, config.head_dim), attn.cos, attn.sin)
+        qk, v = self.qkv_proj(x).split([q_size + kv_size, kv_size], dim=-1)
+        # One rotary call covers the query and key heads.
+        qk = apply_rotary(qk.view(batch_size, num_queries, config.num_heads + config.num_kv_heads, config.head_dim), attn.cos, attn.sin)
+        q, k = qk.split([config.num_heads, config.num_kv_heads], dim=2)
         v = v.view(batch_size, num_queries, config.num_kv_heads, config.head_dim)
 
         # kv_cache: [2, num_slots, KVH, D] for this layer.
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         key_cache.index_copy_(0, attn.write_slots, k.reshape(-1, config.num_kv_heads, config.head_dim))
         value_cache.index_copy_(0, attn.write_slots, v.reshape(-1, config.num_kv_heads, config.head_dim))
-        keys = key_cache[attn.read_slots].transpose(1, 2)  # [B, KVH, L, D]
-        values = value_cache[attn.read_slots].transpose(1, 2)
+        # index_select on the flat slot list is much faster on CPU than
+        # advanced indexing with a 2-D index tensor.
+        read_shape = (batch_size, -1, config.num_kv_heads, config.head_dim)
+        keys = key_cache.index_select(0, attn.read_slots).view(read_shape).transpose(1, 2)  # [B, KVH, L, D]
+        values = value_cache.index_select(0, attn.read_slots).view(read_shape).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn.mask, enable_gqa=True)
-        return F.linear(out.transpose(1, 2).reshape(batch_size, num_queries, q_size), self.o_proj)
+        return self.o_proj(out.transpose(1, 2).reshape(batch_size, num_queries, q_size))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaModel:
@@ -84,19 +90,21 @@ class LlamaModel:
         def tensor(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(device=device, dtype=dtype)
 
+        def linear(*arrays: np.ndarray) -> Linear:
+            return make_linear(torch.from_numpy(np.concatenate(arrays)), device, dtype)
+
         self.embed_tokens = tensor(weights.embed_tokens)
-        self.lm_head = self.embed_tokens if weights.lm_head is weights.embed_tokens else tensor(weights.lm_head)
+        self.lm_head = linear(weights.lm_head)
         self.final_norm = tensor(weights.final_norm)
         self.layers = [
             LlamaLayer(
                 config,
+                (tensor(layer.attn_norm), tensor(layer.ffn_norm)),
                 {
-                    "attn_norm": tensor(layer.attn_norm),
-                    "qkv_proj": tensor(np.concatenate([layer.q_proj, layer.k_proj, layer.v_proj])),
-                    "o_proj": tensor(layer.o_proj),
-                    "ffn_norm": tensor(layer.ffn_norm),
-                    "gate_up_proj": tensor(np.concatenate([layer.gate_proj, layer.up_proj])),
-                    "down_proj": tensor(layer.down_proj),
+                    "qkv_proj": linear(layer.q_proj, layer.k_proj, layer.v_proj),
+                    "o_proj": linear(layer.o_proj),
+                    "gate_up_proj": linear(layer.gate_proj, layer.up_proj),
+                    "down_proj": linear(layer.down_proj),
                 },
             )
             for layer in weights.layers
@@ -121,7 +129,7 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Return float32 logits [N, vocab] for hidden states [N, hidden]."""
-        return F.linear(rms_norm(hidden, self.final_norm, self.config.rms_norm_eps), self.lm_head).float()
+        return self.lm_head(rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)).float()
 
     def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return cos and sin [B, Q, 1, head_dim] for positions [B, Q]."""
@@ -129,10 +137,8 @@ class LlamaModel:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalize in float32 so that bfloat16 and float16 keep their precision.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return x32.to(x.dtype) * weight
+    # torch's fused kernel accumulates bfloat16 and float16 inputs in float32.
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

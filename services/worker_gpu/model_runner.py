@@ -25,23 +25,29 @@ class TorchModelRunner(ModelRunner):
     """
 
     def __init__(self, model: LlamaModel, num_kv_blocks: int, kv_block_size: int) -> None:
-        config = model.config
         self.model = model
         self.num_kv_blocks = num_kv_blocks
         self.kv_block_size = kv_block_size
-        self.max_position = config.max_position
+        self.max_position = model.config.max_position
         self.device = model.device
-        num_slots = (num_kv_blocks + 1) * kv_block_size
-        self.kv_cache = torch.zeros(
-            (config.num_layers, 2, num_slots, config.num_kv_heads, config.head_dim), device=model.device, dtype=model.dtype
-        )
+        self.kv_cache: torch.Tensor | None = None
         self._scratch_block_id = num_kv_blocks
         self._block_offsets = torch.arange(kv_block_size, device=model.device)
         self.sampler = Sampler()
+
+    def initialize(self) -> None:
+        # Zero-filling the cache runs an OpenMP parallel region; on the engine
+        # thread it adds no second OpenMP team (see factory.load_model_async).
+        # Zeros matter: a masked slot still enters attention with weight 0,
+        # and 0 * NaN from uninitialized memory would be NaN.
+        config = self.model.config
+        num_slots = (self.num_kv_blocks + 1) * self.kv_block_size
+        shape = (config.num_layers, 2, num_slots, config.num_kv_heads, config.head_dim)
+        self.kv_cache = torch.zeros(shape, device=self.device, dtype=self.model.dtype)
         logger.info(
             "KV cache: %s blocks of %s tokens, %.1f MiB",
-            num_kv_blocks,
-            kv_block_size,
+            self.num_kv_blocks,
+            self.kv_block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
         )
 
@@ -55,6 +61,7 @@ class TorchModelRunner(ModelRunner):
 
     def _forward(self, sequences: Sequence[SequenceInput]) -> torch.Tensor:
         """Run one padded batch; returns the logits of each sequence's last token."""
+        assert self.kv_cache is not None, "initialize() allocates the KV cache before the first step"
         input_ids, positions, num_new_tokens, block_tables = self._pad_inputs(sequences)
         attn = self._attention_input(positions, num_new_tokens, block_tables)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, attn)
@@ -105,10 +112,15 @@ class TorchModelRunner(ModelRunner):
 
         # Slots of positions [0, max_len) of each sequence, in position order.
         read_slots = (block_tables[:, :, None] * block_size + self._block_offsets).view(batch_size, -1)[:, :max_len]
+        read_slots = read_slots.reshape(-1)
         key_positions = torch.arange(max_len, device=self.device)
         # Causal: a query sees keys at or before its position. Keys past the
         # sequence's length are never within that bound for a real query.
-        mask = key_positions[None, None, :] <= positions[:, :, None]  # [B, Q, L]
+        visible = key_positions[None, None, :] <= positions[:, :, None]  # [B, Q, L]
+        # An additive mask, built once per step: SDPA would otherwise convert
+        # a boolean mask in every layer.
+        mask = torch.zeros(visible.shape, device=self.device, dtype=self.model.dtype)
+        mask.masked_fill_(~visible, float("-inf"))
 
         cos, sin = self.model.rotary_tables(positions)
         return AttentionInput(write_slots=write_slots, read_slots=read_slots, mask=mask.unsqueeze(1), cos=cos, sin=sin)

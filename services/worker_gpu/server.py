@@ -20,7 +20,7 @@ from services.common.identity import PeerKind
 from services.common.metrics import start_metrics_server
 from services.common.tls import service_channel_credentials
 from services.worker_gpu import metrics
-from services.worker_gpu.factory import LoadedModel, build_engine, load_model
+from services.worker_gpu.factory import LoadedModel, build_engine, load_model_async
 from services.worker_gpu.registration import SchedulerRegistration
 from services.worker_gpu.servicer import WorkerServicer
 from tenantserve.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
@@ -74,7 +74,7 @@ async def start_worker(
     be bound.
     """
     if loaded is None:
-        loaded = await asyncio.to_thread(load_model, config)
+        loaded = await load_model_async(config)
     engine = build_engine(config, loaded, metrics.EngineMetrics())
     engine.start()
     metrics.bind_engine_gauges(engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import threading
@@ -32,8 +33,10 @@ def make_config(max_context_tokens: int | None = None, **worker_overrides: Any) 
 
 @functools.cache
 def loaded_model() -> LoadedModel:
+    """The model, loaded on a thread that exits (load_model_async explains why)."""
     torch.set_num_threads(min(TEST_NUM_THREADS, torch.get_num_threads()))
-    return load_model(make_config())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        return executor.submit(load_model, make_config()).result()
 
 
 def chat_ids(question: str) -> list[int]:

@@ -31,8 +31,14 @@ def greedy_decode(runner: TorchModelRunner, prompts: list[list[int]], num_tokens
     return outputs
 
 
+def make_runner(num_kv_blocks: int) -> TorchModelRunner:
+    runner = TorchModelRunner(loaded_model().model, num_kv_blocks=num_kv_blocks, kv_block_size=16)
+    runner.initialize()
+    return runner
+
+
 def test_greedy_answer_names_paris():
-    runner = TorchModelRunner(loaded_model().model, num_kv_blocks=8, kv_block_size=16)
+    runner = make_runner(num_kv_blocks=8)
 
     [token_ids] = greedy_decode(runner, [chat_ids(FRANCE_QUESTION)], num_tokens=10)
 
@@ -42,7 +48,7 @@ def test_greedy_answer_names_paris():
 def test_batched_decode_matches_single_decode():
     # Prompts of different lengths exercise the padding and the masks.
     prompts = [chat_ids(FRANCE_QUESTION), chat_ids("Name three colors."), chat_ids("Hi")]
-    runner = TorchModelRunner(loaded_model().model, num_kv_blocks=32, kv_block_size=16)
+    runner = make_runner(num_kv_blocks=32)
 
     batched = greedy_decode(runner, prompts, num_tokens=6)
     single = [greedy_decode(runner, [prompt], num_tokens=6)[0] for prompt in prompts]

@@ -89,10 +89,22 @@ class InferenceEngine:
     # Lifecycle
 
     def start(self) -> None:
+        """Start the engine thread; returns once the runner is initialized on it.
+
+        Raises what ModelRunner.initialize raised, for example when the KV
+        cache does not fit in memory.
+        """
         if self._thread is not None:
             raise RuntimeError("engine already started")
-        self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
+        initialized = threading.Event()
+        errors: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(initialized, errors), name="inference-engine", daemon=True
+        )
         self._thread.start()
+        initialized.wait()
+        if errors:
+            raise errors[0]
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop the engine thread; requests still in the engine fail with an error."""
@@ -186,7 +198,14 @@ class InferenceEngine:
 
     # Engine thread
 
-    def _run(self) -> None:
+    def _run(self, initialized: threading.Event, errors: list[BaseException]) -> None:
+        try:
+            self.runner.initialize()
+        except BaseException as exc:
+            errors.append(exc)
+            return
+        finally:
+            initialized.set()
         logger.info("engine started with max_batch_size=%s", self.config.max_batch_size)
         while True:
             with self._wakeup:

@@ -45,6 +45,9 @@ class ModelRunner(abc.ABC):
     # Positions the model supports, from the model file.
     max_position: int
 
+    def initialize(self) -> None:
+        """Allocate device state such as the KV cache; the engine calls it once on its thread."""
+
     @abc.abstractmethod
     def execute(self, batch: ModelInput) -> list[int]:
         """Process each sequence's new tokens and sample its next token.
