@@ -88,8 +88,8 @@ async def load_model_async(config: Config) -> LoadedModel:
 
     libgomp gives each thread that runs a parallel region its own team of
     worker threads. With more team threads than cores it stops spinning
-    between parallel regions, and every op of a decode step then waits for
-    a futex wake-up: on 2 cores a 17 ms step took 30 to 38 ms while the
+    between parallel regions, so every op of a decode step waits for a
+    futex wake-up. On 2 cores a 17 ms step took 30 to 38 ms while the
     thread that loaded the model lived on. A thread that exits frees its
     team, so the engine thread owns the only one. The asyncio default
     executor would keep its thread, and its team, alive.

@@ -2,10 +2,10 @@
 
 Decoding multiplies a few activation rows by every weight matrix, so a
 step's cost is mostly reading the weights from memory. On CPU, float32 runs
-the layers with FBGEMM's float16-weight kernels (float32 activations and
-accumulation): half the bytes of float32 weights, and on the AMD EPYC test
-machine about 5x faster per layer than torch's float32 matmul (MKL) at
-batch size 1 and 3x at 16, measured with torch 2.13.
+the layers with FBGEMM's float16-weight kernels, which keep activations and
+accumulation in float32 and read half the bytes of float32 weights. On a
+2-core AMD EPYC (Zen 4) VM with torch 2.13 they were about 5x faster per
+layer than torch's float32 matmul (MKL) at batch size 1, and 3x at 16.
 
 NOTE: float16 weights round each GGUF weight to 11 significant bits. The
 GGUF weights are Q4_1/Q8_0 values to begin with, whose own rounding error

@@ -18,7 +18,7 @@ class TorchModelRunner(ModelRunner):
     """Runs a LlamaModel over each step: one batched forward for the new
     prompts and one for the decoding sequences.
 
-    The KV cache is one preallocated tensor
+    The KV cache is one tensor, allocated by initialize() on the engine thread:
     [num_layers, 2, (num_kv_blocks + 1) * kv_block_size, num_kv_heads, head_dim].
     The extra last block is scratch space: padding tokens write there and
     padded read positions point there, always under a mask.
@@ -114,8 +114,8 @@ class TorchModelRunner(ModelRunner):
         read_slots = (block_tables[:, :, None] * block_size + self._block_offsets).view(batch_size, -1)[:, :max_len]
         read_slots = read_slots.reshape(-1)
         key_positions = torch.arange(max_len, device=self.device)
-        # Causal: a query sees keys at or before its position. Keys past the
-        # sequence's length are never within that bound for a real query.
+        # Causal: a query attends to keys at or before its position. Keys past
+        # the sequence's length are never within that bound for a real query.
         visible = key_positions[None, None, :] <= positions[:, :, None]  # [B, Q, L]
         # An additive mask, built once per step: SDPA would otherwise convert
         # a boolean mask in every layer.

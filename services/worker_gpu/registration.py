@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SCHEDULER_SERVER_NAME = "scheduler"
 MIN_BACKOFF_SECONDS = 0.2
 MAX_BACKOFF_SECONDS = 5.0
-# Used until the scheduler's first response says otherwise.
+# Used until the scheduler's first response sets the timeout.
 DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 5.0
 MIN_HEARTBEAT_INTERVAL_SECONDS = 0.05
 
@@ -59,6 +59,12 @@ class SchedulerRegistration:
                 code, failure = "OK", "the scheduler closed the registration stream"
             except grpc.aio.AioRpcError as exc:
                 code, failure = exc.code().name, f"{exc.code().name}: {exc.details()}"
+            except asyncio.InvalidStateError:
+                # grpc.aio raises it for a write after the scheduler ended the call.
+                code, failure = "OK", "the scheduler closed the registration stream"
+            except Exception as exc:
+                logger.exception("registration with the scheduler at %s failed", self._target)
+                code, failure = type(exc).__name__, str(exc)
             if self._is_registered:
                 # The connection worked, so retry from the shortest backoff.
                 backoff = MIN_BACKOFF_SECONDS

@@ -48,10 +48,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """Stream the completion of ``request``: deltas, then one GenerateResult.
 
-        Status codes: NOT_FOUND for a model this worker does not serve,
+        Status codes: NOT_FOUND for a model this worker does not serve.
         INVALID_ARGUMENT for a missing id, invalid sampling parameters or a
-        prompt that does not fit the context, RESOURCE_EXHAUSTED when the
-        waiting queue is full, UNAVAILABLE while the worker shuts down and
+        prompt that does not fit the context. RESOURCE_EXHAUSTED when the
+        waiting queue is full, UNAVAILABLE while the worker shuts down, and
         INTERNAL when a model step fails. Cancelling the call aborts the
         request within one step.
         """
@@ -80,7 +80,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def GetReport(
         self, request: worker_pb2.GetReportRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.WorkerReport:
-        """Return the worker's identity and current capacity; never fails."""
+        """Return the worker's identity and current capacity."""
         return self._build_report()
 
     def _add_request(self, request: worker_pb2.WorkerGenerateRequest) -> RequestStream:

@@ -308,7 +308,7 @@ class InferenceEngine:
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:
-                # The loop is closed, so nobody reads these streams any more.
+                # The loop is closed, so these streams have no reader any more.
                 for stream, output in items:
                     if not output.finished:
                         self.abort_request(stream.request_id)

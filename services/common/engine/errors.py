@@ -15,7 +15,7 @@ class InvalidRequestError(EngineError):
 
 
 class WaitingQueueFullError(EngineError):
-    """The waiting queue holds max_waiting requests; retry later or on another worker."""
+    """The waiting queue already contains max_waiting requests; retry later or on another worker."""
 
 
 class EngineStoppedError(EngineError):

@@ -16,7 +16,7 @@ class SequenceInput:
     # Tokens to run through the model: the whole prompt at prefill, the last
     # sampled token at decode.
     token_ids: list[int]
-    # Position of token_ids[0]; the KV cache holds positions before it.
+    # Position of token_ids[0]; the KV cache contains the positions before it.
     start_position: int
     # KV cache block ids of the sequence, in position order.
     block_table: list[int]

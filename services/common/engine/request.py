@@ -24,7 +24,7 @@ class FinishReason(enum.Enum):
     STOP_STRING = "stop_string"
     # The caller aborted the request.
     CANCELLED = "cancelled"
-    # The model step failed; the output's error says why.
+    # The model step failed; the output's error field gives the reason.
     ERROR = "error"
 
 
@@ -66,7 +66,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What one step produced for one request."""
+    """Output of one step for one request."""
 
     request_id: str
     # Token ids decoded in this step.
