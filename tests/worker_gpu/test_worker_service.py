@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common import certs, tls
 from services.common.config import Config
@@ -46,6 +47,15 @@ def worker_stub(config: Config, port: int, tenant: str | None = None) -> tuple[g
         credentials = tls.tenant_channel_credentials(cert_dir, tenant)
     channel = tls.secure_channel(f"127.0.0.1:{port}", credentials)
     return channel, worker_pb2_grpc.WorkerStub(channel)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def num_steps_with_several_sequences() -> float:
+    total = metric("tenantserve_worker_gpu_step_sequences_count")
+    return total - metric("tenantserve_worker_gpu_step_sequences_bucket", le="2.0")
 
 
 def generate_request(prompt: list[int], max_tokens: int = 12, **fields) -> worker_pb2.WorkerGenerateRequest:
@@ -153,8 +163,35 @@ def test_tenant_certificate_is_rejected(tmp_path):
     assert asyncio.run(scenario()) == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_concurrent_calls_share_steps_in_metrics(tmp_path):
+    config = make_worker_config(tmp_path)
+    questions = [FRANCE_QUESTION, "Name three colors.", "What is 2 + 2?"]
+    shared_steps_before = num_steps_with_several_sequences()
+    ttft_count_before = metric("tenantserve_worker_gpu_time_to_first_token_seconds_count", tenant_id="alpha")
+
+    async def scenario():
+        async with running_worker(config) as server:
+            channel, stub = worker_stub(config, server.port)
+            async with channel:
+
+                async def generate(index: int, question: str) -> list[common_pb2.GenerateResponse]:
+                    request = generate_request(chat_ids(question), max_tokens=8, request_id=f"req-{index}")
+                    return [response async for response in stub.Generate(request, timeout=120)]
+
+                return await asyncio.gather(*(generate(i, q) for i, q in enumerate(questions)))
+
+    results = asyncio.run(scenario())
+
+    for responses in results:
+        assert responses[-1].HasField("result")
+    assert num_steps_with_several_sequences() > shared_steps_before
+    ttft_count = metric("tenantserve_worker_gpu_time_to_first_token_seconds_count", tenant_id="alpha")
+    assert ttft_count == ttft_count_before + len(questions)
+
+
 def test_cancelled_call_frees_its_batch_slot(tmp_path):
     config = make_worker_config(tmp_path)
+    aborted_before = metric("tenantserve_worker_gpu_aborted_requests_total", tenant_id="alpha")
 
     async def scenario():
         async with running_worker(config) as server:
@@ -174,6 +211,7 @@ def test_cancelled_call_frees_its_batch_slot(tmp_path):
     assert busy.num_free_kv_blocks < busy.num_total_kv_blocks
     assert idle.num_running == 0
     assert idle.num_free_kv_blocks == idle.num_total_kv_blocks
+    assert metric("tenantserve_worker_gpu_aborted_requests_total", tenant_id="alpha") == aborted_before + 1
 
 
 def test_report_describes_worker(tmp_path):
