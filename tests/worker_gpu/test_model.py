@@ -6,9 +6,11 @@ import torch
 from services.common.config import ConfigError
 from services.common.engine import ModelInput, SamplingParams, SequenceInput
 from services.worker_gpu.factory import resolve_device, resolve_dtype
+from services.worker_gpu.gguf_loader import load_llama_gguf
+from services.worker_gpu.model import LlamaModel
 from services.worker_gpu.model_runner import TorchModelRunner
 
-from .support import FRANCE_QUESTION, chat_ids, loaded_model
+from .support import FRANCE_QUESTION, chat_ids, loaded_model, make_config
 
 GREEDY = SamplingParams(max_tokens=64)
 
@@ -42,6 +44,18 @@ def test_greedy_answer_names_paris():
 
     [token_ids] = greedy_decode(runner, [chat_ids(FRANCE_QUESTION)], num_tokens=10)
 
+    assert "Paris" in loaded_model().tokenizer.decode(token_ids)
+
+
+def test_bfloat16_greedy_answer_names_paris():
+    weights = load_llama_gguf(make_config().models[0].gguf_path())
+    model = LlamaModel(weights, torch.device("cpu"), torch.bfloat16)
+    runner = TorchModelRunner(model, num_kv_blocks=8, kv_block_size=16)
+    runner.initialize()
+
+    [token_ids] = greedy_decode(runner, [chat_ids(FRANCE_QUESTION)], num_tokens=10)
+
+    assert runner.kv_cache.dtype is torch.bfloat16
     assert "Paris" in loaded_model().tokenizer.decode(token_ids)
 
 

@@ -113,9 +113,7 @@ class InferenceEngine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._lock:
-            outputs = [self._finish(request, FinishReason.ERROR, "worker is shutting down") for request in list(self._requests.values())]
-        self._deliver(outputs)
+        self._fail_all("worker is shutting down")
 
     # Caller API
 
@@ -208,20 +206,36 @@ class InferenceEngine:
             initialized.set()
         logger.info("engine started with max_batch_size=%s", self.config.max_batch_size)
         while True:
-            with self._wakeup:
-                # stop() fails the requests still in the engine.
-                if self._stopping:
+            try:
+                if not self._run_once():
                     break
-                outputs = self._apply_aborts()
-                step = self._scheduler.schedule()
-                if step.is_empty and not outputs:
-                    self._wakeup.wait()
-                    continue
-                model_input = _model_input(step)
-            self._deliver(outputs)
-            if not step.is_empty:
-                self._run_step(step, model_input)
+            except Exception:
+                # A bug outside the model step must not leave callers waiting forever.
+                logger.exception("engine iteration failed; failing every request in the engine")
+                self._fail_all("internal engine error")
         logger.info("engine stopped")
+
+    def _run_once(self) -> bool:
+        """Apply aborts, then run one step or wait for work; returns False once stopping."""
+        with self._wakeup:
+            # stop() fails the requests still in the engine.
+            if self._stopping:
+                return False
+            outputs = self._apply_aborts()
+            step = self._scheduler.schedule()
+            if step.is_empty and not outputs:
+                self._wakeup.wait()
+                return True
+            model_input = _model_input(step)
+        self._deliver(outputs)
+        if not step.is_empty:
+            self._run_step(step, model_input)
+        return True
+
+    def _fail_all(self, error: str) -> None:
+        with self._lock:
+            outputs = [self._finish(request, FinishReason.ERROR, error) for request in list(self._requests.values())]
+        self._deliver(outputs)
 
     def _run_step(self, step: ScheduledStep, model_input: ModelInput) -> None:
         started = time.perf_counter()
