@@ -56,6 +56,11 @@ STEP_DURATION_SECONDS = Histogram(
     "Wall time of one model step, sampling included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+PROMPT_TOKENS = Counter(
+    "tenantserve_worker_gpu_prompt_tokens",
+    "Prompt tokens by source: prefilled by the model, or cached (keys and values shared from the prefix cache).",
+    ["source"],
+)
 ABORTED_REQUESTS = Counter(
     "tenantserve_worker_gpu_aborted_requests",
     "Requests aborted before they finished, because the caller cancelled or the deadline passed.",
@@ -69,6 +74,8 @@ class EngineMetrics:
     def on_step(self, stats: StepStats) -> None:
         STEP_SEQUENCES.observe(stats.num_prefills + stats.num_decodes)
         STEP_DURATION_SECONDS.observe(stats.duration_seconds)
+        PROMPT_TOKENS.labels("prefilled").inc(stats.num_prefill_tokens)
+        PROMPT_TOKENS.labels("cached").inc(stats.num_cached_prompt_tokens)
 
     def on_request_finished(self, request: Request) -> None:
         COMPLETION_TOKENS.labels(request.tenant_id).inc(len(request.output_token_ids))

@@ -144,6 +144,29 @@ def test_abort_frees_blocks_within_one_step():
     assert final.num_free_kv_blocks == final.num_total_kv_blocks
 
 
+def test_prompt_prefix_is_reused_within_tenant():
+    recorder = StepRecorder()
+    prompt = chat_ids(FRANCE_QUESTION)
+
+    async def scenario():
+        engine = start_engine(recorder)
+        try:
+            texts = []
+            for request_id, tenant_id in (("first", "alpha"), ("again", "alpha"), ("other", "beta")):
+                stream = engine.add_request(request_id, tenant_id, prompt, SamplingParams(max_tokens=8))
+                texts.append(text_of([output async for output in stream]))
+            return texts
+        finally:
+            engine.stop()
+
+    texts = asyncio.run(scenario())
+
+    cached = [step.num_cached_prompt_tokens for step in recorder.steps if step.num_prefills]
+    assert cached == [0, (len(prompt) - 1) // 16 * 16, 0]
+    assert texts[1] == texts[0]
+    assert texts[2] == texts[0]
+
+
 def test_waiting_queue_full_is_rejected():
     async def scenario():
         engine = start_engine(max_batch_size=1, max_waiting=1)

@@ -70,6 +70,20 @@ def test_batched_decode_matches_single_decode():
     assert batched == single
 
 
+def test_prefill_after_cached_prefix_matches_full_prefill():
+    prompt = chat_ids(FRANCE_QUESTION)
+    runner = make_runner(num_kv_blocks=16)
+    [full] = greedy_decode(runner, [prompt], num_tokens=6)
+
+    # Blocks 0..7 hold the prompt's keys and values from the run above. A
+    # second sequence shares block 0 and prefills the rest into blocks 8..15.
+    block_table = [0, *range(9, 16)]
+    prefill = SequenceInput("cached", prompt[16:], 16, block_table, GREEDY, 0)
+    output = runner.execute(ModelInput(prefills=[prefill], decodes=[]))
+
+    assert output[0] == full[0]
+
+
 def test_float16_is_rejected_on_cpu():
     with pytest.raises(ConfigError, match="float16 is only supported on cuda"):
         resolve_dtype("float16", torch.device("cpu"))

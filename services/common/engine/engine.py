@@ -44,7 +44,10 @@ class EngineStats:
 class StepStats:
     num_prefills: int
     num_decodes: int
+    # Prompt tokens that ran through the model.
     num_prefill_tokens: int
+    # Prompt tokens whose keys and values came from the prefix cache.
+    num_cached_prompt_tokens: int
     duration_seconds: float
     engine: EngineStats
 
@@ -258,10 +261,11 @@ class InferenceEngine:
             stats = self._stats_locked()
         self._deliver(outputs)
         if self._observer is not None:
-            num_prefill_tokens = sum(len(seq.token_ids) for seq in model_input.prefills)
-            self._observer.on_step(StepStats(len(step.prefills), len(step.decodes), num_prefill_tokens, duration, stats))
+            self._observer.on_step(_step_stats(model_input, duration, stats))
 
     def _append_token(self, request: Request, token_id: int) -> tuple[RequestStream, RequestOutput]:
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            self._scheduler.cache_prompt_blocks(request)
         request.num_computed_tokens = request.num_tokens
         request.output_token_ids.append(token_id)
         detokenizer = request.detokenizer
@@ -336,6 +340,17 @@ class InferenceEngine:
             kv_block_size=self._block_pool.block_size,
             max_batch_size=self.config.max_batch_size,
         )
+
+
+def _step_stats(model_input: ModelInput, duration: float, stats: EngineStats) -> StepStats:
+    return StepStats(
+        num_prefills=len(model_input.prefills),
+        num_decodes=len(model_input.decodes),
+        num_prefill_tokens=sum(len(seq.token_ids) for seq in model_input.prefills),
+        num_cached_prompt_tokens=sum(seq.start_position for seq in model_input.prefills),
+        duration_seconds=duration,
+        engine=stats,
+    )
 
 
 def _model_input(step: ScheduledStep) -> ModelInput:

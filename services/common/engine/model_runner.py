@@ -17,6 +17,8 @@ class SequenceInput:
     # sampled token at decode.
     token_ids: list[int]
     # Position of token_ids[0]; the KV cache contains the positions before it.
+    # A prefill starts after the prompt blocks found in the prefix cache, so
+    # it can be above 0.
     start_position: int
     # KV cache block ids of the sequence, in position order.
     block_table: list[int]

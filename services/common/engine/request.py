@@ -100,6 +100,10 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     # Tokens whose keys and values are in the KV cache.
     num_computed_tokens: int = 0
+    # Prompt tokens whose keys and values came from the prefix cache.
+    num_cached_tokens: int = 0
+    # Prefix cache hashes of the full prompt blocks, computed at the first admission attempt.
+    block_hashes: list[bytes] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property

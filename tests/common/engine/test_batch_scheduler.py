@@ -142,3 +142,52 @@ def test_finish_of_waiting_request_removes_it():
 
     assert scheduler.num_waiting == 0
     assert scheduler.schedule().is_empty
+
+
+def test_prefilled_prompt_blocks_are_reused():
+    scheduler = make_scheduler()
+    first = make_request("first", num_prompt_tokens=40)
+    scheduler.add(first)
+    scheduler.schedule()
+    scheduler.cache_prompt_blocks(first)
+
+    second = make_request("second", num_prompt_tokens=40)
+    scheduler.add(second)
+    step = scheduler.schedule()
+
+    # 40 tokens fill two 16-token blocks; both are shared.
+    assert step.prefills == [second]
+    assert second.block_table[:2] == first.block_table[:2]
+    assert second.num_computed_tokens == 32
+    assert second.uncomputed_token_ids() == [100] * 8
+
+
+def test_last_prompt_token_is_never_taken_from_cache():
+    scheduler = make_scheduler()
+    first = make_request("first", num_prompt_tokens=32)
+    scheduler.add(first)
+    scheduler.schedule()
+    scheduler.cache_prompt_blocks(first)
+
+    second = make_request("second", num_prompt_tokens=32)
+    scheduler.add(second)
+    scheduler.schedule()
+
+    assert second.num_computed_tokens == 16
+    assert second.block_table[0] == first.block_table[0]
+    assert second.block_table[1] != first.block_table[1]
+
+
+def test_prefix_cache_can_be_disabled():
+    config = BatchConfig(max_batch_size=4, max_waiting=4, max_model_len=256, enable_prefix_caching=False)
+    scheduler = BatchScheduler(config, BlockPool(64, block_size=16))
+    first = make_request("first", num_prompt_tokens=40)
+    scheduler.add(first)
+    scheduler.schedule()
+    scheduler.cache_prompt_blocks(first)
+
+    second = make_request("second", num_prompt_tokens=40)
+    scheduler.add(second)
+    scheduler.schedule()
+
+    assert second.num_computed_tokens == 0

@@ -1,6 +1,6 @@
 import pytest
 
-from services.common.engine.block_pool import BlockPool, slot_mapping
+from services.common.engine.block_pool import BlockPool, prompt_block_hashes, slot_mapping
 
 
 def test_allocate_and_free_keep_counts():
@@ -57,3 +57,80 @@ def test_slot_mapping_follows_block_table():
 def test_pool_rejects_invalid_sizes():
     with pytest.raises(ValueError):
         BlockPool(num_blocks=0, block_size=16)
+
+
+def test_cached_block_is_shared_and_counted_once():
+    pool = BlockPool(num_blocks=4, block_size=2)
+    [first] = pool.allocate(1)
+    pool.cache(first, b"prefix")
+
+    shared = pool.allocate(1, shared_block_ids=[first])
+
+    assert shared[0] == first
+    assert pool.num_free_blocks == 2
+    pool.free([first])
+    assert pool.num_free_blocks == 2
+    pool.free(shared)
+    # Both users are gone: the cached block and the new one count as free.
+    assert pool.num_free_blocks == 4
+    assert pool.find_cached_prefix([b"prefix"]) == [first]
+
+
+def test_cached_prefix_stops_at_first_miss():
+    pool = BlockPool(num_blocks=4, block_size=2)
+    blocks = pool.allocate(3)
+    pool.cache(blocks[0], b"a")
+    pool.cache(blocks[2], b"c")
+
+    assert pool.find_cached_prefix([b"a", b"b", b"c"]) == [blocks[0]]
+
+
+def test_allocate_evicts_least_recently_freed_cached_block():
+    pool = BlockPool(num_blocks=2, block_size=2)
+    old, recent = pool.allocate(2)
+    pool.cache(old, b"old")
+    pool.cache(recent, b"recent")
+    pool.free([old])
+    pool.free([recent])
+
+    [block] = pool.allocate(1)
+
+    assert block == old
+    assert pool.find_cached_prefix([b"old"]) == []
+    assert pool.find_cached_prefix([b"recent"]) == [recent]
+
+
+def test_reusing_evictable_block_reduces_free_count():
+    pool = BlockPool(num_blocks=2, block_size=2)
+    cached, other = pool.allocate(2)
+    pool.cache(cached, b"prefix")
+    pool.free([cached, other])
+
+    assert pool.can_allocate(1, shared_block_ids=[cached])
+    assert not pool.can_allocate(2, shared_block_ids=[cached])
+
+
+def test_first_block_per_hash_stays_cached():
+    pool = BlockPool(num_blocks=2, block_size=2)
+    first, second = pool.allocate(2)
+    pool.cache(first, b"same")
+    pool.cache(second, b"same")
+    pool.free([second])
+
+    assert pool.find_cached_prefix([b"same"]) == [first]
+    assert pool.num_cached_blocks == 1
+
+
+def test_block_hashes_cover_full_blocks_and_their_prefix():
+    hashes = prompt_block_hashes("alpha", [1, 2, 3, 4, 5], block_size=2)
+    other_tail = prompt_block_hashes("alpha", [1, 2, 9, 4], block_size=2)
+
+    assert len(hashes) == 2
+    assert other_tail[0] == hashes[0]
+    # The second block has the same tokens but follows a different first block.
+    assert prompt_block_hashes("alpha", [9, 9, 3, 4], block_size=2)[1] != hashes[1]
+    assert other_tail[1] != hashes[1]
+
+
+def test_block_hashes_differ_between_tenants():
+    assert prompt_block_hashes("alpha", [1, 2], 2) != prompt_block_hashes("beta", [1, 2], 2)
