@@ -8,8 +8,9 @@ Prefix caching: once a prompt is prefilled, each of its full blocks is
 registered under a hash of the tenant id and every token up to the block's
 end. A later prompt of the same tenant that starts with the same tokens
 shares those blocks, read-only, and skips their prefill. A cached block
-whose last user has finished stays cached, and counts as free, until
-allocate() needs it for new tokens; the least recently freed goes first.
+whose last user has finished stays cached and counts as free. allocate()
+reuses such blocks for new tokens only when no uncached block is left, and
+takes the least recently freed one first.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class BlockPool:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, num_blocks: int, shared_block_ids: Sequence[int] = ()) -> bool:
-        """Whether ``num_blocks`` new blocks fit once ``shared_block_ids`` (cache hits) are in use."""
+        """Check that ``num_blocks`` new blocks fit once ``shared_block_ids`` (cache hits) are in use."""
         num_reclaimed = sum(1 for block_id in shared_block_ids if block_id in self._evictable)
         return num_blocks <= self.num_free_blocks - num_reclaimed
 
