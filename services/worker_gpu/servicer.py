@@ -57,7 +57,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """
         extra = {"request_id": request.request_id, "tenant_id": request.tenant_id}
         stream = self._add_request(request)
-        logger.info("generate started with %d prompt tokens", len(request.prompt_token_ids), extra=extra)
+        logger.debug("generate started with %d prompt tokens", len(request.prompt_token_ids), extra=extra)
         # Stays "cancelled" when the caller goes away before the result.
         outcome = "cancelled"
         try:
@@ -65,16 +65,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if response.HasField("result"):
                     outcome = FINISH_REASON_NAMES[response.result.finish_reason]
                     usage = response.result.usage
-                    logger.info("generate finished: %s, %d completion tokens", outcome, usage.completion_tokens, extra=extra)
+                    logger.debug("generate finished: %s, %d completion tokens", outcome, usage.completion_tokens, extra=extra)
                 yield response
+        except EngineStoppedError as exc:
+            outcome = grpc.StatusCode.UNAVAILABLE.name
+            raise Unavailable("the worker stopped before the request finished; retry on another worker") from exc
         except RequestFailedError as exc:
             outcome = grpc.StatusCode.INTERNAL.name
+            logger.error("generate failed: %s", exc, extra=extra)
             raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {exc}") from exc
         finally:
             stream.close()
             metrics.REQUESTS.labels(request.tenant_id, outcome).inc()
             if outcome == "cancelled":
-                logger.info("generate cancelled by the caller", extra=extra)
+                logger.debug("generate cancelled by the caller", extra=extra)
 
     @map_errors
     async def GetReport(

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from services.common.engine import (
+    EngineStoppedError,
     FinishReason,
     InvalidRequestError,
     SamplingParams,
@@ -238,3 +239,18 @@ def test_duplicate_request_id_is_rejected():
             engine.stop()
 
     assert asyncio.run(scenario())[-1].finished
+
+
+def test_stop_fails_running_requests_as_retryable():
+    async def scenario():
+        engine = start_engine()
+        stream = engine.add_request("running", "alpha", chat_ids(STORY_REQUEST), SamplingParams(max_tokens=200))
+        await anext(stream)
+        await asyncio.to_thread(engine.stop)
+        with pytest.raises(EngineStoppedError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineStoppedError):
+            engine.add_request("late", "alpha", chat_ids(FRANCE_QUESTION), SamplingParams(max_tokens=2))
+
+    asyncio.run(scenario())

@@ -116,7 +116,7 @@ class InferenceEngine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._fail_all("worker is shutting down")
+        self._fail_all("the engine stopped", engine_stopped=True)
 
     # Caller API
 
@@ -235,9 +235,10 @@ class InferenceEngine:
             self._run_step(step, model_input)
         return True
 
-    def _fail_all(self, error: str) -> None:
+    def _fail_all(self, error: str, engine_stopped: bool = False) -> None:
         with self._lock:
-            outputs = [self._finish(request, FinishReason.ERROR, error) for request in list(self._requests.values())]
+            requests = list(self._requests.values())
+            outputs = [self._finish(r, FinishReason.ERROR, error, engine_stopped=engine_stopped) for r in requests]
         self._deliver(outputs)
 
     def _run_step(self, step: ScheduledStep, model_input: ModelInput) -> None:
@@ -293,7 +294,7 @@ class InferenceEngine:
             request = self._requests.get(request_id)
             if request is not None:
                 outputs.append(self._finish(request, FinishReason.CANCELLED))
-                logger.info("request aborted", extra={"request_id": request_id, "tenant_id": request.tenant_id})
+                logger.debug("request aborted", extra={"request_id": request_id, "tenant_id": request.tenant_id})
         self._abort_ids.clear()
         return outputs
 
@@ -304,6 +305,7 @@ class InferenceEngine:
         error: str | None = None,
         token_ids: tuple[int, ...] = (),
         text: str = "",
+        engine_stopped: bool = False,
     ) -> tuple[RequestStream, RequestOutput]:
         """Take the request out of the engine, free its blocks and build its last output."""
         was_running = request.status is RequestStatus.RUNNING
@@ -315,7 +317,7 @@ class InferenceEngine:
         stream = self._streams.pop(request.request_id)
         if self._observer is not None:
             self._observer.on_request_finished(request)
-        return stream, _output(request, token_ids, text, reason, error)
+        return stream, _output(request, token_ids, text, reason, error, engine_stopped)
 
     def _deliver(self, outputs: list[tuple[RequestStream, RequestOutput]]) -> None:
         """Hand outputs to their streams with one wake-up per event loop."""
@@ -381,6 +383,7 @@ def _output(
     text: str,
     reason: FinishReason | None = None,
     error: str | None = None,
+    engine_stopped: bool = False,
 ) -> RequestOutput:
     return RequestOutput(
         request_id=request.request_id,
@@ -390,6 +393,7 @@ def _output(
         num_completion_tokens=len(request.output_token_ids),
         finish_reason=reason,
         error=error,
+        engine_stopped=engine_stopped,
     )
 
 

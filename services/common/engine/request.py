@@ -79,6 +79,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     # Set with FinishReason.ERROR.
     error: str | None = None
+    # With FinishReason.ERROR: the engine stopped, so another worker can run the request.
+    engine_stopped: bool = False
 
     @property
     def finished(self) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from types import TracebackType
 
-from services.common.engine.errors import RequestFailedError
+from services.common.engine.errors import EngineStoppedError, RequestFailedError
 from services.common.engine.request import FinishReason, RequestOutput
 
 
@@ -14,7 +14,8 @@ class RequestStream:
     """Outputs of one request, fed by the engine thread, read by one asyncio task.
 
     Iteration ends after the output that carries the finish reason. A request
-    that failed raises RequestFailedError from the iteration. Closing the
+    that failed raises RequestFailedError from the iteration, or
+    EngineStoppedError when the engine stopped before it finished. Closing the
     stream before that aborts the request, which frees its batch slot and KV
     cache blocks within one step.
     """
@@ -39,6 +40,8 @@ class RequestStream:
         output = await self._queue.get()
         if output.finished:
             self._done = True
+        if output.finish_reason is FinishReason.ERROR and output.engine_stopped:
+            raise EngineStoppedError(output.error or "the engine stopped")
         if output.finish_reason is FinishReason.ERROR:
             raise RequestFailedError(output.error or "model step failed")
         return output
