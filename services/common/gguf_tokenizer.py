@@ -110,9 +110,16 @@ class ChatTokenizer:
         self._with_special.add_special_tokens(
             [AddedToken(metadata.tokens[i], special=True, normalized=False) for i in sorted(self.special_token_ids)]
         )
-        self._template = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        # The same environment options as Hugging Face transformers' apply_chat_template.
+        environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        ).from_string(metadata.chat_template)
+        )
+        environment.globals["raise_exception"] = _raise_template_error
+        self._template = environment.from_string(metadata.chat_template)
+        self._template_variables = {
+            "bos_token": metadata.tokens[metadata.bos_token_id] if metadata.bos_token_id is not None else "",
+            "eos_token": metadata.tokens[metadata.eos_token_id],
+        }
         # Token ids that end a completion: eos and the end-of-turn control tokens.
         self.stop_token_ids = frozenset(
             {self.eos_token_id} | {i for i in self.special_token_ids if metadata.tokens[i] in _END_OF_TURN_TOKENS}
@@ -142,6 +149,7 @@ class ChatTokenizer:
         rendered = self._template.render(
             messages=[{"role": role, "content": marker} for (role, _), marker in zip(messages, markers)],
             add_generation_prompt=True,
+            **self._template_variables,
         )
         ids: list[int] = []
         for index, marker in enumerate(markers):
@@ -156,6 +164,10 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Decode ``ids``; invalid UTF-8 becomes U+FFFD. Control tokens are dropped unless asked for."""
         return self._with_special.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _raise_template_error(message: str) -> None:
+    raise TokenizerError(f"the chat template rejected the chat: {message}")
 
 
 def _build_bpe(metadata: TokenizerMetadata) -> Tokenizer:
