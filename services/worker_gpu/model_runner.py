@@ -15,13 +15,16 @@ logger = logging.getLogger(__name__)
 
 
 class TorchModelRunner(ModelRunner):
-    """Runs a LlamaModel over each step: one batched forward for the new
-    prompts and one for the decoding sequences.
+    """ModelRunner over a LlamaModel, with one batched forward per step for
+    the new prompts and one for the decoding sequences.
 
     The KV cache is one tensor, allocated by initialize() on the engine thread:
     [num_layers, 2, (num_kv_blocks + 1) * kv_block_size, num_kv_heads, head_dim].
     The extra last block is scratch space: padding tokens write there and
     padded read positions point there, always under a mask.
+
+    NOTE: only the CPU path has run so far; the CUDA path (float32,
+    bfloat16, float16) is written for it but no test has run it on a GPU.
     """
 
     def __init__(self, model: LlamaModel, num_kv_blocks: int, kv_block_size: int) -> None:
