@@ -23,8 +23,8 @@ class TorchModelRunner(ModelRunner):
     The extra last block is scratch space: padding tokens write there and
     padded read positions point there, always under a mask.
 
-    NOTE: only the CPU path has run so far; the CUDA path (float32,
-    bfloat16, float16) is written for it but no test has run it on a GPU.
+    NOTE: the tests run the CPU path only. The CUDA path (float32, bfloat16,
+    float16) has not run on a GPU yet.
     """
 
     def __init__(self, model: LlamaModel, num_kv_blocks: int, kv_block_size: int) -> None:
