@@ -8,10 +8,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def generated_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*_pb2*") if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts]
+
+
 def test_generated_code_is_current(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True)
-    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
-    committed = sorted(p.relative_to(ROOT) for p in (ROOT / "tenantserve").rglob("*_pb2*.py*"))
+    fresh = sorted(p.relative_to(tmp_path) for p in generated_files(tmp_path))
+    committed = sorted(p.relative_to(ROOT) for p in generated_files(ROOT / "tenantserve"))
 
     assert fresh == committed, "run scripts/gen_protos.py: the set of generated files changed"
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]

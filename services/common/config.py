@@ -101,6 +101,8 @@ class WorkerGpuConfig(ServiceConfig):
     kv_block_size: int = 16
     num_kv_blocks: int = 2048
     max_waiting: int = 256
+    # torch intra-op threads; 0 keeps torch's default of one per core.
+    num_threads: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,5 +240,7 @@ def _validate(config: Config) -> None:
     for field in ("max_batch_size", "kv_block_size", "num_kv_blocks", "max_waiting"):
         if getattr(worker, field) < 1:
             raise ConfigError(f"services.worker_gpu.{field} must be >= 1, got {getattr(worker, field)}")
+    if worker.num_threads < 0:
+        raise ConfigError(f"services.worker_gpu.num_threads must be >= 0, got {worker.num_threads}")
     if config.scheduler.max_queue_size < 1:
         raise ConfigError(f"services.scheduler.max_queue_size must be >= 1, got {config.scheduler.max_queue_size}")

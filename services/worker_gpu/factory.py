@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 # Number of CPU threads torch uses for one op. Unset keeps torch's default
 # (one per core).
-NUM_THREADS_ENV = "TENANTSERVE_WORKER_GPU_NUM_THREADS"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,17 +51,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def configure_threads(environ: Mapping[str, str] = os.environ) -> None:
-    value = environ.get(NUM_THREADS_ENV)
-    if not value:
-        return
-    try:
-        num_threads = int(value)
-    except ValueError as exc:
-        raise ConfigError(f"{NUM_THREADS_ENV}={value!r} is invalid; use a positive integer") from exc
-    if num_threads < 1:
-        raise ConfigError(f"{NUM_THREADS_ENV}={value!r} is invalid; use a positive integer")
-    torch.set_num_threads(num_threads)
+def configure_threads(num_threads: int) -> None:
+    """Set torch's intra-op threads; 0 keeps torch's default (one per core)."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
 
 
 def load_model(config: Config) -> LoadedModel:
@@ -74,7 +64,7 @@ def load_model(config: Config) -> LoadedModel:
     assert model_config is not None, "load_config checks that the worker's model is configured"
     device = resolve_device(worker.device)
     dtype = resolve_dtype(worker.dtype, device)
-    configure_threads()
+    configure_threads(worker.num_threads)
 
     path = model_config.gguf_path()
     tokenizer = load_chat_tokenizer(path)

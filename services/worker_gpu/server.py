@@ -105,7 +105,7 @@ async def start_worker(
 
 async def serve(config: Config) -> None:
     """Run the worker until SIGTERM or SIGINT, then stop it gracefully."""
-    metrics_port = start_metrics_server(config.worker_gpu.metrics_port)
+    metrics_port = start_metrics_server(config.worker_gpu.metrics_port, config.worker_gpu.metrics_host)
     server = await start_worker(config)
     logger.info(
         "listening on %s (port %d), reporting address %s, max_batch_size %d, %d KV blocks of %d tokens, metrics port %d",
