@@ -31,13 +31,43 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the field and the fix."""
 
 
+SERVICE_CLASS_NAMES = ("interactive", "batch", "background")
+# Limits that a tenant's service_class_overrides may set for one service class.
+OVERRIDABLE_LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_streams", "max_prompt_tokens", "max_tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class TenantConfig:
+    """A tenant's limits as seeded into Redis; admission reads them from Redis at each decision.
+
+    A limit of 0 means no limit, except requests_per_minute and
+    max_concurrent_streams, which must be >= 1.
+    """
+
     name: str
     # Share of capacity relative to other tenants.
     weight: float = 1.0
     requests_per_minute: int = 600
     max_concurrent_streams: int = 8
+    # Prompt plus completion tokens reserved in any 60 s sliding window.
+    tokens_per_minute: int = 0
+    # Prompt plus completion tokens per calendar day and month, in UTC.
+    daily_token_budget: int = 0
+    monthly_token_budget: int = 0
+    # Largest prompt, in tokens after the chat template, and largest sampling.max_tokens.
+    max_prompt_tokens: int = 0
+    max_tokens: int = 0
+    # Model names and service class names the tenant may use; empty allows all.
+    allowed_models: tuple[str, ...] = ()
+    allowed_service_classes: tuple[str, ...] = ()
+    # Service class name -> {limit name: value} replacing the tenant's limit
+    # for requests of that class; the counters stay shared by all classes.
+    service_class_overrides: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; tuples keep the config hashable and immutable.
+        object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
+        object.__setattr__(self, "allowed_service_classes", tuple(self.allowed_service_classes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +112,17 @@ class ServiceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdmissionConfig(ServiceConfig):
-    pass
+    # Seconds a concurrency lease lives without renewal; the lease and token
+    # reservation of a dead admission process are reclaimed after it.
+    lease_ttl_seconds: float = 30.0
+    # What happens to each kind of limit while Redis cannot be reached:
+    # "closed" rejects with UNAVAILABLE, "open" admits under a local check.
+    redis_failure_budgets: str = "closed"
+    redis_failure_concurrency: str = "closed"
+    redis_failure_rate: str = "open"
+    # Requests per minute per tenant that one admission process admits
+    # while the rate limit fails open.
+    redis_failure_local_requests_per_minute: int = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +264,7 @@ def _validate(config: Config) -> None:
         for field in ("requests_per_minute", "max_concurrent_streams"):
             if getattr(tenant, field) < 1:
                 raise ConfigError(f"tenants[{tenant.name}].{field} must be >= 1, got {getattr(tenant, field)}")
+        _validate_tenant_limits(tenant)
     if len({t.name for t in config.tenants}) != len(config.tenants):
         raise ConfigError("tenants: names must be unique")
     for model in config.models:
@@ -244,3 +285,44 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"services.worker_gpu.num_threads must be >= 0, got {worker.num_threads}")
     if config.scheduler.max_queue_size < 1:
         raise ConfigError(f"services.scheduler.max_queue_size must be >= 1, got {config.scheduler.max_queue_size}")
+    _validate_admission(config.admission)
+
+
+def _validate_tenant_limits(tenant: TenantConfig) -> None:
+    prefix = f"tenants[{tenant.name}]"
+    for field in ("tokens_per_minute", "daily_token_budget", "monthly_token_budget", "max_prompt_tokens", "max_tokens"):
+        if getattr(tenant, field) < 0:
+            raise ConfigError(f"{prefix}.{field} must be >= 0 (0 means no limit), got {getattr(tenant, field)}")
+    for name in tenant.allowed_service_classes:
+        if name not in SERVICE_CLASS_NAMES:
+            raise ConfigError(f"{prefix}.allowed_service_classes: {name!r} is invalid; use {', '.join(SERVICE_CLASS_NAMES)}")
+    if not isinstance(tenant.service_class_overrides, Mapping):
+        raise ConfigError(f"{prefix}.service_class_overrides must be a mapping of service class to limits")
+    for class_name, limits in tenant.service_class_overrides.items():
+        if class_name not in SERVICE_CLASS_NAMES:
+            raise ConfigError(
+                f"{prefix}.service_class_overrides: {class_name!r} is invalid; use {', '.join(SERVICE_CLASS_NAMES)}"
+            )
+        if not isinstance(limits, Mapping):
+            raise ConfigError(f"{prefix}.service_class_overrides.{class_name} must be a mapping of limit to value")
+        for limit, value in limits.items():
+            if limit not in OVERRIDABLE_LIMITS:
+                raise ConfigError(
+                    f"{prefix}.service_class_overrides.{class_name}: {limit!r} cannot be overridden; "
+                    f"use {', '.join(OVERRIDABLE_LIMITS)}"
+                )
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{prefix}.service_class_overrides.{class_name}.{limit} must be an integer >= 0, got {value!r}")
+
+
+def _validate_admission(admission: AdmissionConfig) -> None:
+    if admission.lease_ttl_seconds <= 0:
+        raise ConfigError(f"services.admission.lease_ttl_seconds must be > 0, got {admission.lease_ttl_seconds}")
+    for field in ("redis_failure_budgets", "redis_failure_concurrency", "redis_failure_rate"):
+        if getattr(admission, field) not in ("open", "closed"):
+            raise ConfigError(f"services.admission.{field}: {getattr(admission, field)!r} is invalid; use open or closed")
+    if admission.redis_failure_local_requests_per_minute < 1:
+        raise ConfigError(
+            "services.admission.redis_failure_local_requests_per_minute must be >= 1, "
+            f"got {admission.redis_failure_local_requests_per_minute}"
+        )
