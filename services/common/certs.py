@@ -5,6 +5,7 @@ Layout under ``cert_dir``::
     ca.crt, ca.key
     services/<name>.crt, services/<name>.key
     tenants/<tenant_id>.crt, tenants/<tenant_id>.key
+    admins/<name>.crt, admins/<name>.key
 
 Keys are ECDSA P-256, signatures SHA-256. Private keys are created with mode
 0600. Existing files are never overwritten, so running ``init_certs`` again
@@ -111,6 +112,75 @@ def init_certs(
             logger.info("issued service certificate %s", cert_path)
 
 
+def admin_cert_paths(cert_dir: Path, admin_name: str) -> tuple[Path, Path]:
+    """Return the (certificate, key) paths of an Admin API operator."""
+    base = Path(cert_dir) / "admins" / admin_name
+    return base.with_suffix(".crt"), base.with_suffix(".key")
+
+
+def certificate_fingerprint(pem: bytes) -> str:
+    """Return the SHA-256 fingerprint of a PEM certificate's DER encoding, as lowercase hex.
+
+    This is the fingerprint that revocation uses, and the one that
+    ``openssl x509 -noout -fingerprint -sha256`` prints (with colons).
+    Raises ValueError when ``pem`` is not a PEM certificate.
+    """
+    certificate = x509.load_pem_x509_certificate(pem)
+    return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def add_admin(cert_dir: Path, admin_name: str, valid_days: int = 365) -> tuple[Path, Path]:
+    """Issue a client certificate for the Admin API and return its (certificate, key) paths.
+
+    The certificate's only SAN is ``spiffe://tenantserve/admin/<admin_name>``.
+    An operator that already has a certificate keeps it. Raises
+    CertificateError when the CA does not exist yet, and ValueError for an
+    invalid name.
+    """
+    cert_dir = Path(cert_dir)
+    _check_name("admin name", admin_name)
+    cert_path, key_path = admin_cert_paths(cert_dir, admin_name)
+    with _locked(cert_dir):
+        ca_certificate, ca_key = load_ca(cert_dir)
+        if _pair_exists(cert_path, key_path):
+            logger.info("admin %s already has a certificate at %s; keeping it", admin_name, cert_path)
+            return cert_path, key_path
+        _issue(
+            ca_certificate,
+            ca_key,
+            common_name=admin_name,
+            sans=[x509.UniformResourceIdentifier(peer_uri(PeerKind.ADMIN, admin_name))],
+            usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            validity=_validity(valid_days),
+            cert_path=cert_path,
+            key_path=key_path,
+        )
+        logger.info("issued admin certificate %s", cert_path)
+    return cert_path, key_path
+
+
+def issue_tenant_pem(cert_dir: Path, tenant_id: str, valid_days: int = 365) -> tuple[bytes, bytes]:
+    """Issue a new tenant client certificate and return its (certificate, key) PEM, writing no file.
+
+    Used by the Admin API, which hands the pair to the caller: the server
+    keeps no copy of the key. Each call issues a new certificate with a new
+    key, so a tenant may hold several valid certificates at once. Raises
+    CertificateError when the CA does not exist, ValueError for an invalid
+    tenant id or ``valid_days`` below 1.
+    """
+    _check_name("tenant id", tenant_id)
+    ca_certificate, ca_key = load_ca(cert_dir)
+    certificate, key = _build_certificate(
+        ca_certificate,
+        ca_key,
+        common_name=tenant_id,
+        sans=[x509.UniformResourceIdentifier(peer_uri(PeerKind.TENANT, tenant_id))],
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        validity=_validity(valid_days),
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), _private_key_pem(key)
+
+
 def add_tenant(
     cert_dir: Path,
     tenant_id: str,
@@ -213,6 +283,21 @@ def _issue(
     cert_path: Path,
     key_path: Path,
 ) -> None:
+    certificate, key = _build_certificate(
+        ca_certificate, ca_key, common_name=common_name, sans=sans, usages=usages, validity=validity
+    )
+    _write_pair(certificate, key, cert_path, key_path)
+
+
+def _build_certificate(
+    ca_certificate: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    common_name: str,
+    sans: list[x509.GeneralName],
+    usages: list[x509.ObjectIdentifier],
+    validity: tuple[dt.datetime, dt.datetime],
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     ca_ski = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     certificate = (
@@ -231,7 +316,11 @@ def _issue(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_pair(certificate, key, cert_path, key_path)
+    return certificate, key
+
+
+def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False) -> x509.KeyUsage:
@@ -298,10 +387,7 @@ def _write_pair(certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey, 
     # The key is written first so that a crash in between leaves a key
     # without a certificate, which _pair_exists reports, and never a
     # certificate whose key is lost.
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    _write_new_file(key_path, key_pem, mode=0o600)
+    _write_new_file(key_path, _private_key_pem(key), mode=0o600)
     _write_new_file(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 

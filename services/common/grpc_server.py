@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.identity import PeerKind, peer_from_context
-from services.common.tls import SERVER_OPTIONS, server_credentials
+from services.common.tls import MAX_CONNECTION_AGE_OPTIONS, SERVER_OPTIONS, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ async def start_server(
     register: RegisterFn,
     *,
     allowed_peer: PeerKind | None = PeerKind.SERVICE,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_connection_age: bool = False,
 ) -> RunningServer:
     """Start a gRPC server for ``service_name`` on ``listen`` (host:port, port 0 picks a free one).
 
@@ -56,11 +58,18 @@ async def start_server(
     client certificate signed by the CA in ``cert_dir``. With
     ``allowed_peer`` set, every RPC from a peer of another kind fails with
     PERMISSION_DENIED, except health checks and reflection; None leaves
-    the peer check to the servicers. Raises RuntimeError when ``listen``
+    the peer check to the servicers. ``interceptors`` run after that
+    check. ``max_connection_age`` closes connections after the age in
+    ``MAX_CONNECTION_AGE_OPTIONS``. It is meant for servers that tenants
+    connect to, because the close also ends long-lived streams between
+    services once the grace period passes. The server certificate is
+    reloaded when its files change. Raises RuntimeError when ``listen``
     cannot be bound.
     """
-    interceptors = [PeerKindInterceptor(allowed_peer)] if allowed_peer is not None else []
-    server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS))
+    all_interceptors = [PeerKindInterceptor(allowed_peer)] if allowed_peer is not None else []
+    all_interceptors += interceptors
+    options = list(SERVER_OPTIONS) + (list(MAX_CONNECTION_AGE_OPTIONS) if max_connection_age else [])
+    server = grpc.aio.server(interceptors=all_interceptors, options=options)
     service_names = list(register(server))
 
     health_servicer = health.aio.HealthServicer()
@@ -108,7 +117,7 @@ class PeerKindInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_SERVICE_PREFIXES):
             return handler
-        return _wrap_handler(handler, self._check_peer)
+        return wrap_handler(handler, self._check_peer)
 
     async def _check_peer(self, context: grpc.aio.ServicerContext) -> None:
         peer = peer_from_context(context)
@@ -120,7 +129,8 @@ class PeerKindInterceptor(grpc.aio.ServerInterceptor):
 CheckFn = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, check: CheckFn) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: grpc.RpcMethodHandler, check: CheckFn) -> grpc.RpcMethodHandler:
+    """Return ``handler`` with ``check(context)`` awaited before its behavior; ``check`` may abort."""
     serializers = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,

@@ -1,9 +1,10 @@
 """Caller identity from the verified TLS client certificate.
 
 Every tenantserve certificate carries exactly one URI SAN:
-``spiffe://tenantserve/service/<name>`` for a service and
-``spiffe://tenantserve/tenant/<tenant_id>`` for a tenant. Identity comes from
-that SAN only; request metadata is never consulted.
+``spiffe://tenantserve/service/<name>`` for a service,
+``spiffe://tenantserve/tenant/<tenant_id>`` for a tenant and
+``spiffe://tenantserve/admin/<name>`` for an operator of the Admin API.
+Identity comes from that SAN only; request metadata is never consulted.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ logger = logging.getLogger(__name__)
 
 SPIFFE_TRUST_DOMAIN = "tenantserve"
 # Matched with fullmatch, so no prefix, suffix or trailing newline passes.
-PEER_URI_PATTERN = re.compile(r"spiffe://tenantserve/(tenant|service)/([a-z0-9][a-z0-9-]{0,62})")
+PEER_URI_PATTERN = re.compile(r"spiffe://tenantserve/(tenant|service|admin)/([a-z0-9][a-z0-9-]{0,62})")
 
 
 class PeerKind(enum.Enum):
     TENANT = "tenant"
     SERVICE = "service"
+    ADMIN = "admin"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ def uri(value: str) -> x509.UniformResourceIdentifier:
     [
         ("spiffe://tenantserve/tenant/alpha", Peer(PeerKind.TENANT, "alpha")),
         ("spiffe://tenantserve/service/worker-gpu", Peer(PeerKind.SERVICE, "worker-gpu")),
+        ("spiffe://tenantserve/admin/ops", Peer(PeerKind.ADMIN, "ops")),
         ("spiffe://tenantserve/tenant/0", Peer(PeerKind.TENANT, "0")),
         ("spiffe://tenantserve/tenant/" + "a" * 63, Peer(PeerKind.TENANT, "a" * 63)),
     ],
@@ -41,7 +42,7 @@ def test_identity_accepts_valid_uri(value: str, expected: Peer) -> None:
         "spiffe://tenantserve/tenant/-alpha",
         "spiffe://tenantserve/tenant/Alpha",
         "spiffe://tenantserve/tenant/" + "a" * 64,
-        "spiffe://tenantserve/admin/alpha",
+        "spiffe://tenantserve/operator/alpha",
         "spiffe://tenantserve/service",
         "spiffe://other/tenant/alpha",
         "spiffe://tenantserve.evil/tenant/alpha",
