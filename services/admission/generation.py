@@ -1,8 +1,9 @@
 """Run one admitted generation: schedule it, relay its stream, settle its usage.
 
-Settlement (usage recorded, lease released) happens exactly once per
-admitted request, before the final result reaches the caller, or on the way
-out when the stream ends otherwise: error, cancellation or deadline.
+Settlement (unused tokens returned, usage recorded, lease released) happens
+once per admitted request, before the final result reaches the caller, or on
+the way out when the stream ends otherwise: error, cancellation or deadline.
+The settle script's idempotency marker makes a repeated settlement a no-op.
 """
 
 from __future__ import annotations
@@ -13,29 +14,27 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import redis.exceptions
 
 from services.common.errors import ServiceError, Unavailable
 from tenantserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from . import metrics
-from .limits import StreamLease
-from .usage import UsageRecorder
+from .quota import QuotaGate, Reservation
 
 logger = logging.getLogger(__name__)
 
 # Scheduler status codes, before any response, which mean that the request
-# never started; it is then removed from the tenant's rate window.
+# never started; its whole reservation, rate slot included, is then returned.
 NOT_STARTED_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
 
 @dataclass
 class AdmittedRequest:
-    """A validated, tokenized request that holds a concurrency lease."""
+    """A validated, tokenized request that holds a quota reservation."""
 
     schedule_request: scheduler_pb2.ScheduleRequest
     client_request_id: str
-    lease: StreamLease
+    reservation: Reservation
     # time.perf_counter() when the Generate call arrived.
     arrival_time: float
 
@@ -58,15 +57,20 @@ class GenerationRelay:
     def __init__(
         self,
         scheduler: scheduler_pb2_grpc.SchedulerStub,
-        usage: UsageRecorder,
+        quota: QuotaGate,
         admitted: AdmittedRequest,
     ) -> None:
         self._scheduler = scheduler
-        self._usage = usage
+        self._quota = quota
         self._admitted = admitted
         self._num_completion_tokens = 0
         self._started = False
         self._settled = False
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Completion tokens relayed so far, or the result's count once it arrived."""
+        return self._num_completion_tokens
 
     async def run(self, context: grpc.aio.ServicerContext) -> common_pb2.GenerateResult:
         """Write the deltas and the result to ``context`` and return the result.
@@ -85,12 +89,13 @@ class GenerationRelay:
                 await self._relay_delta(context, response)
             raise Unavailable("the scheduler ended the stream without a result; retry the request")
         except grpc.aio.AioRpcError as error:
-            refund_rate = not self._started and error.code() in NOT_STARTED_CODES
-            await self._settle_once(refund_rate=refund_rate)
+            started = self._started or error.code() not in NOT_STARTED_CODES
+            await self._settle_once(started=started)
             raise ServiceError(error.code(), error.details() or error.code().name) from error
         finally:
             call.cancel()
-            await self._settle_once(refund_rate=False)
+            # A cancelled or failed stream may have used its prompt, so it counts as started.
+            await self._settle_once(started=True)
 
     async def _relay_delta(self, context: grpc.aio.ServicerContext, response: common_pb2.GenerateResponse) -> None:
         if self._num_completion_tokens == 0 and response.delta.token_ids:
@@ -109,28 +114,19 @@ class GenerationRelay:
         self._num_completion_tokens = result.usage.completion_tokens
         # Settle before the caller sees the result, so that its next request
         # and its GetUsage already see this one finished.
-        await self._settle_once(refund_rate=False)
+        await self._settle_once(started=True)
         await context.write(response)
         return result
 
-    async def _settle_once(self, *, refund_rate: bool) -> None:
+    async def _settle_once(self, *, started: bool) -> None:
         if self._settled:
             return
         self._settled = True
-        # Shielded so that a cancellation of this task cannot leave the lease held.
-        await asyncio.shield(self._settle(refund_rate))
-
-    async def _settle(self, refund_rate: bool) -> None:
-        # NOTE: usage is written only here, at the end of the stream, so a
-        # request whose admission process dies mid-stream is never counted.
-        admitted = self._admitted
-        try:
-            await admitted.lease.release(refund_rate=refund_rate)
-            if not refund_rate:
-                await self._usage.record(
-                    admitted.tenant_id, len(admitted.schedule_request.prompt_token_ids), self._num_completion_tokens
-                )
-        except redis.exceptions.RedisError as exc:
-            # The lease expires by itself; the usage of this request is lost.
-            logger.error("settling the request in Redis failed: %s", exc, extra=admitted.log_extra)
+        # Shielded so that a cancellation of this task cannot leave the reservation held.
+        # NOTE: when this admission process dies mid-stream, nothing settles:
+        # the lease expires and the full reservation is charged (quota_scripts.py).
+        settlement = self._quota.settle(
+            self._admitted.reservation, num_completion_tokens=self._num_completion_tokens, started=started
+        )
+        await asyncio.shield(settlement)
 

@@ -37,3 +37,27 @@ ACTIVE_STREAMS = Gauge(
     "Generate streams open in this admission process.",
     ["tenant_id"],
 )
+QUOTA_DECISIONS = Counter(
+    "tenantserve_admission_quota_decisions",
+    "Admission decisions by tenant, outcome (admitted or the status code name, lowercase) and rejecting limit.",
+    ["tenant_id", "outcome", "limit"],
+)
+SETTLEMENTS = Counter(
+    "tenantserve_admission_settlements",
+    "Settlements by outcome: settled, duplicate (already settled or reclaimed), or failed (Redis unreachable).",
+    ["outcome"],
+)
+QUOTA_STORE_AVAILABLE = Gauge(
+    "tenantserve_admission_quota_store_available",
+    "1 while the last Redis call of this admission process succeeded, else 0.",
+)
+QUOTA_STORE_STATE_CHANGES = Counter(
+    "tenantserve_admission_quota_store_state_changes",
+    "Changes of the Redis state seen by this admission process, by the new state (available or unavailable).",
+    ["state"],
+)
+LOCAL_ADMISSIONS = Counter(
+    "tenantserve_admission_local_admissions",
+    "Requests admitted under the local rate cap while Redis was unreachable.",
+    ["tenant_id"],
+)

@@ -18,10 +18,10 @@ from services.common.tls import secure_channel, service_channel_credentials
 from services.common.valkey import redis_client
 from tenantserve.v1 import inference_pb2, inference_pb2_grpc, scheduler_pb2_grpc
 
-from .limits import DEFAULT_LEASE_TTL_SECONDS, TenantLimiter
+from .limits import TenantLimiter
 from .servicer import InferenceServicer
+from .tenant_limits import seed_tenants
 from .tokenization import PromptTokenizer
-from .usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +56,21 @@ async def start_admission(
     *,
     listen: str | None = None,
     tokenizer: PromptTokenizer | None = None,
-    lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS,
+    lease_ttl_seconds: float | None = None,
 ) -> AdmissionServer:
     """Start the admission gRPC server in this event loop.
 
     ``listen`` replaces ``config.admission.listen`` (tests pass
-    127.0.0.1:0); ``tokenizer`` skips loading the models' tokenizers again.
+    127.0.0.1:0); ``tokenizer`` skips loading the models' tokenizers again;
+    ``lease_ttl_seconds`` replaces ``config.admission.lease_ttl_seconds``.
+    Stores the limits of each config tenant that has none in Redis yet.
     Raises ConfigError when ``config.redis_url`` is empty or Redis cannot be
     reached, and RuntimeError when the address cannot be bound.
     """
     client = await connect_redis(config.redis_url)
+    seeded = await seed_tenants(client, config.tenants)
+    if seeded:
+        logger.info("stored the config file's limits of tenants %s in Redis", ", ".join(seeded))
     if tokenizer is None:
         tokenizer = await asyncio.to_thread(PromptTokenizer.load, config)
     channel = secure_channel(
@@ -76,8 +81,7 @@ async def start_admission(
     servicer = InferenceServicer(
         config,
         tokenizer,
-        TenantLimiter(client, lease_ttl_seconds),
-        UsageRecorder(client),
+        TenantLimiter(client, lease_ttl_seconds or config.admission.lease_ttl_seconds),
         scheduler_pb2_grpc.SchedulerStub(channel),
     )
 

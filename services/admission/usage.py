@@ -1,7 +1,9 @@
 """Per-tenant usage counters in Redis, in the hash ``{tenant}:usage``.
 
-Fields: ``requests`` (generation requests that reached the scheduler),
-``prompt_tokens`` and ``completion_tokens``. The counters never expire.
+The settle script (quota_scripts.py) writes them: ``requests`` (settled
+requests that reached the model), ``prompt_tokens`` and
+``completion_tokens``, and ``reclaimed_requests`` and ``reclaimed_tokens``
+for reservations whose lease expired unsettled. The counters never expire.
 """
 
 from __future__ import annotations
@@ -27,22 +29,10 @@ def usage_key(tenant_id: str) -> str:
 
 
 class UsageRecorder:
-    """Add each finished request to its tenant's counters and read them back."""
+    """Read a tenant's settled usage counters."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
-
-    async def record(self, tenant_id: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count one request with its token counts, as one transaction.
-
-        Raises redis.exceptions.RedisError when the server cannot be reached.
-        """
-        key = usage_key(tenant_id)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hincrby(key, REQUESTS_FIELD, 1)
-            pipe.hincrby(key, PROMPT_TOKENS_FIELD, prompt_tokens)
-            pipe.hincrby(key, COMPLETION_TOKENS_FIELD, completion_tokens)
-            await pipe.execute()
 
     async def get(self, tenant_id: str) -> TenantUsage:
         """Return the tenant's counters; zeros for a tenant with no requests yet."""

@@ -151,3 +151,11 @@ def _role_name(role: int) -> str:
 
 def _format_float(value: float) -> str:
     return "NaN" if math.isnan(value) else f"{value:g}"
+
+
+# Names of the service classes in tenant limits and in the Redis decision.
+SERVICE_CLASS_NAMES: dict[int, str] = {
+    common_pb2.SERVICE_CLASS_INTERACTIVE: "interactive",
+    common_pb2.SERVICE_CLASS_BATCH: "batch",
+    common_pb2.SERVICE_CLASS_BACKGROUND: "background",
+}

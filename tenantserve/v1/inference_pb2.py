@@ -22,30 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tenantserve.v1 import common_pb2 as tenantserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etenantserve/v1/inference.proto\x12\x0etenantserve.v1\x1a\x1btenantserve/v1/common.proto\"\xef\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.tenantserve.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tenantserve.v1.SamplingParams\x12\x33\n\rservice_class\x18\x05 \x01(\x0e\x32\x1c.tenantserve.v1.ServiceClass\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\tB\x07\n\x05input\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tenantserve.v1.ChatMessage\"\x13\n\x11ListModelsRequest\"T\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15max_completion_tokens\x18\x03 \x01(\x05\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tenantserve.v1.ModelInfo\"\x11\n\x0fGetUsageRequest\"\x89\x01\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x1a\n\x12num_active_streams\x18\x05 \x01(\x05\x32\x80\x02\n\tInference\x12O\n\x08Generate\x12\x1f.tenantserve.v1.GenerateRequest\x1a .tenantserve.v1.GenerateResponse0\x01\x12S\n\nListModels\x12!.tenantserve.v1.ListModelsRequest\x1a\".tenantserve.v1.ListModelsResponse\x12M\n\x08GetUsage\x12\x1f.tenantserve.v1.GetUsageRequest\x1a .tenantserve.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etenantserve/v1/inference.proto\x12\x0etenantserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btenantserve/v1/common.proto\"\xef\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.tenantserve.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tenantserve.v1.SamplingParams\x12\x33\n\rservice_class\x18\x05 \x01(\x0e\x32\x1c.tenantserve.v1.ServiceClass\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\tB\x07\n\x05input\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tenantserve.v1.ChatMessage\"\x13\n\x11ListModelsRequest\"T\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15max_completion_tokens\x18\x03 \x01(\x05\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tenantserve.v1.ModelInfo\"\x11\n\x0fGetUsageRequest\"\x87\x02\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x1a\n\x12num_active_streams\x18\x05 \x01(\x05\x12*\n\x06limits\x18\x06 \x03(\x0b\x32\x1a.tenantserve.v1.LimitUsage\x12\x1e\n\x16num_reclaimed_requests\x18\x07 \x01(\x03\x12\x18\n\x10reclaimed_tokens\x18\x08 \x01(\x03\x12\x16\n\x0elimits_version\x18\t \x01(\x03\"z\n\nLimitUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x0c\n\x04used\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12.\n\nreset_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x80\x02\n\tInference\x12O\n\x08Generate\x12\x1f.tenantserve.v1.GenerateRequest\x1a .tenantserve.v1.GenerateResponse0\x01\x12S\n\nListModels\x12!.tenantserve.v1.ListModelsRequest\x1a\".tenantserve.v1.ListModelsResponse\x12M\n\x08GetUsage\x12\x1f.tenantserve.v1.GetUsageRequest\x1a .tenantserve.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tenantserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=80
-  _globals['_GENERATEREQUEST']._serialized_end=319
-  _globals['_CHATMESSAGES']._serialized_start=321
-  _globals['_CHATMESSAGES']._serialized_end=382
-  _globals['_LISTMODELSREQUEST']._serialized_start=384
-  _globals['_LISTMODELSREQUEST']._serialized_end=403
-  _globals['_MODELINFO']._serialized_start=405
-  _globals['_MODELINFO']._serialized_end=489
-  _globals['_LISTMODELSRESPONSE']._serialized_start=491
-  _globals['_LISTMODELSRESPONSE']._serialized_end=554
-  _globals['_GETUSAGEREQUEST']._serialized_start=556
-  _globals['_GETUSAGEREQUEST']._serialized_end=573
-  _globals['_GETUSAGERESPONSE']._serialized_start=576
-  _globals['_GETUSAGERESPONSE']._serialized_end=713
-  _globals['_INFERENCE']._serialized_start=716
-  _globals['_INFERENCE']._serialized_end=972
+  _globals['_GENERATEREQUEST']._serialized_start=113
+  _globals['_GENERATEREQUEST']._serialized_end=352
+  _globals['_CHATMESSAGES']._serialized_start=354
+  _globals['_CHATMESSAGES']._serialized_end=415
+  _globals['_LISTMODELSREQUEST']._serialized_start=417
+  _globals['_LISTMODELSREQUEST']._serialized_end=436
+  _globals['_MODELINFO']._serialized_start=438
+  _globals['_MODELINFO']._serialized_end=522
+  _globals['_LISTMODELSRESPONSE']._serialized_start=524
+  _globals['_LISTMODELSRESPONSE']._serialized_end=587
+  _globals['_GETUSAGEREQUEST']._serialized_start=589
+  _globals['_GETUSAGEREQUEST']._serialized_end=606
+  _globals['_GETUSAGERESPONSE']._serialized_start=609
+  _globals['_GETUSAGERESPONSE']._serialized_end=872
+  _globals['_LIMITUSAGE']._serialized_start=874
+  _globals['_LIMITUSAGE']._serialized_end=996
+  _globals['_INFERENCE']._serialized_start=999
+  _globals['_INFERENCE']._serialized_end=1255
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from tenantserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -54,15 +57,37 @@ class GetUsageRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("tenant_id", "num_requests", "prompt_tokens", "completion_tokens", "num_active_streams")
+    __slots__ = ("tenant_id", "num_requests", "prompt_tokens", "completion_tokens", "num_active_streams", "limits", "num_reclaimed_requests", "reclaimed_tokens", "limits_version")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECLAIMED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RECLAIMED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_VERSION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     num_requests: int
     prompt_tokens: int
     completion_tokens: int
     num_active_streams: int
-    def __init__(self, tenant_id: _Optional[str] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., num_active_streams: _Optional[int] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[LimitUsage]
+    num_reclaimed_requests: int
+    reclaimed_tokens: int
+    limits_version: int
+    def __init__(self, tenant_id: _Optional[str] = ..., num_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., num_active_streams: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[LimitUsage, _Mapping]]] = ..., num_reclaimed_requests: _Optional[int] = ..., reclaimed_tokens: _Optional[int] = ..., limits_version: _Optional[int] = ...) -> None: ...
+
+class LimitUsage(_message.Message):
+    __slots__ = ("name", "limit", "used", "remaining", "reset_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    limit: int
+    used: int
+    remaining: int
+    reset_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -88,7 +88,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Return the caller's own usage counters.
+        """Return the caller's own usage counters, and its usage and remaining
+        quota per limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -18,10 +18,11 @@ import pytest
 from cryptography import x509
 import yaml
 
-from services.admission.limits import TenantLimiter, rate_key, streams_key
+from services.admission.limits import AdmissionRequest, TenantLimiter, rate_key, streams_key
 from services.admission.server import start_admission
 from services.admission.servicer import InferenceServicer
-from services.admission.usage import UsageRecorder, usage_key
+from services.admission.tenant_limits import seed_tenants
+from services.admission.usage import usage_key
 from services.common.config import DEFAULT_CONFIG_PATH, ConfigError
 from services.common import tls
 from services.common.valkey import ValkeyServer, redis_client
@@ -44,6 +45,10 @@ from .support import (
 
 def unique_name() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def admission_request(tenant_id: str, request_id: str) -> AdmissionRequest:
+    return AdmissionRequest(tenant_id, request_id, MODEL, "interactive", num_prompt_tokens=10, max_tokens=8)
 
 
 def test_list_models_for_tenant(tmp_path: Path, valkey_url: str) -> None:
@@ -191,7 +196,7 @@ def test_redis_outage_returns_unavailable(tmp_path: Path) -> None:
 
     assert generate_error is not None
     assert generate_error.code() == grpc.StatusCode.UNAVAILABLE
-    assert generate_error.details() == "the quota store is unavailable; retry the request"
+    assert generate_error.details().startswith("the quota store is unavailable")
     assert usage_error.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -250,9 +255,10 @@ def test_rate_limit_rejection_names_limit(tmp_path: Path, valkey_url: str) -> No
 
     async def main() -> grpc.aio.AioRpcError | None:
         client = redis_client(valkey_url)
+        await seed_tenants(client, [tenant_config])
         limiter = TenantLimiter(client)
         for request_id in ("earlier-1", "earlier-2"):
-            assert (await limiter.admit(tenant_config, request_id)).admitted
+            assert (await limiter.admit(admission_request(tenant, request_id))).admitted
         await client.aclose()
         async with running_admission(config) as server:
             channel, stub = tenant_stub(cert_dir, tenant, server.port)
@@ -304,9 +310,10 @@ def test_cancel_during_decision_undoes_admission(tmp_path: Path, valkey_url: str
 
     async def main() -> tuple[int, int]:
         client = redis_client(valkey_url)
+        await seed_tenants(client, [tenant_config])
         limiter = TenantLimiter(client)
-        servicer = InferenceServicer(config, default_tokenizer(), limiter, UsageRecorder(client), scheduler=None)
-        admission = asyncio.create_task(servicer._admit(tenant_config, "cancelled-early"))
+        servicer = InferenceServicer(config, default_tokenizer(), limiter, scheduler=None)
+        admission = asyncio.create_task(servicer._admit(tenant_config, admission_request(tenant, "cancelled-early")))
         await asyncio.sleep(0)  # the decision is now in flight
         admission.cancel()
         with pytest.raises(asyncio.CancelledError):
