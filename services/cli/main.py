@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import demo
+from services.cli import usage as usage_command
 from services.cli.client import chat_request, stream_generate, tenant_channel
 from services.cli.stack import Stack, StackError
 from services.common import certs, tls
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompt", help="the user message")
 
     commands.add_parser("demo", help="bring the stack up if needed and chat as three tenants at once")
+    usage_command.add_parser(commands)
     return parser
 
 
@@ -84,6 +86,8 @@ def run_command(args: argparse.Namespace) -> int:
         return run_certs(args, config)
     if args.command == "health":
         return run_health(args.service, config)
+    if args.command == "usage":
+        return usage_command.run(args, config)
     return asyncio.run(run_chat(args, config))
 
 
