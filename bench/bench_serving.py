@@ -174,7 +174,7 @@ async def measure(stack: Stack, model: str, prompts: list[list[int]], args: argp
 
 
 def ratios(results: dict, concurrency: list[int]) -> dict[str, float]:
-    """The targets as ratios: scaling with streams, overhead of the full path, and the reference."""
+    """Compute the targets as ratios: scaling with streams, overhead of the full path, and the reference."""
     low, high = str(min(concurrency)), str(max(concurrency))
     full, direct = results["full"], results["direct"]
     out = {

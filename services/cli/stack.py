@@ -1,9 +1,10 @@
 """Start and stop a whole tenantserve stack on one machine.
 
-`tenantserve up`, `tenantserve demo` and the end-to-end tests share this:
-certificates are created when missing, a Valkey server is started when no
-Redis URL is configured, and the worker, scheduler and admission each run
-as their own process until every one reports SERVING over gRPC health.
+`tenantserve up`, `tenantserve demo` and the end-to-end tests share this.
+It creates missing certificates and starts a Valkey server when no Redis
+URL is configured. The worker, scheduler and admission each run as their
+own process, and start() returns once every one reports SERVING over gRPC
+health.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 SERVICES: tuple[tuple[str, str, str], ...] = (
     ("scheduler", "services.scheduler", "scheduler"),
     ("worker_gpu", "services.worker_gpu", "worker-gpu"),
+    ("cache", "services.cache", "cache"),
     ("admission", "services.admission", "admission"),
 )
 STOP_TIMEOUT_SECONDS = 15.0
@@ -54,8 +56,8 @@ def write_config(state_dir: Path, overrides: dict[str, Any] | None = None) -> Pa
     """Write a config for a private stack under ``state_dir`` and return its path.
 
     Starts from the default config, moves every listen and metrics port to a
-    free loopback port, then merges ``overrides`` (nested dicts merge, other
-    values replace; ``tenants`` and ``models`` replace whole lists).
+    free loopback port, then merges ``overrides``. Nested dicts merge and
+    other values replace, so ``tenants`` and ``models`` replace whole lists.
     """
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["state_dir"] = str(state_dir)
