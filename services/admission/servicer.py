@@ -16,6 +16,8 @@ from tenantserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, schedu
 
 from . import metrics
 from .auth import authenticate_tenant
+from .cache_client import CacheClient
+from .embedding_servicer import EmbeddingRelayMixin
 from .generation import AdmittedRequest, GenerationRelay
 from .limits import AdmissionRequest, TenantLimiter
 from .quota import QuotaGate, Reservation
@@ -28,7 +30,7 @@ logger = logging.getLogger(__name__)
 QUOTA_STORE_UNAVAILABLE = "the quota store is unavailable; retry the request"
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceServicer):
     """Serve tenants; the tenant is always the one named by the client certificate."""
 
     def __init__(
@@ -37,12 +39,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         tokenizer: PromptTokenizer,
         limiter: TenantLimiter,
         scheduler: scheduler_pb2_grpc.SchedulerStub,
+        cache: CacheClient | None = None,
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
         self._limiter = limiter
         self.quota = QuotaGate(config, limiter)
         self._scheduler = scheduler
+        self._cache = cache
 
     @map_errors
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -99,6 +103,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             max_tokens=request.sampling.max_tokens,
         )
         reservation = await self._admit(tenant, admission_request)
+        if await self._answer_from_completion_cache(tenant, request, reservation, context):
+            return
         logger.info(
             "admitted request: model %s, %d prompt tokens, max_tokens %d, client_request_id %r",
             model.name,
@@ -119,7 +125,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         admitted = AdmittedRequest(schedule_request, request.client_request_id, reservation, arrival_time)
         metrics.ACTIVE_STREAMS.labels(tenant.name).inc()
         try:
-            result = await GenerationRelay(self._scheduler, self.quota, admitted).run(context)
+            recorder = self._completion_recorder(tenant, request, context)
+            result = await GenerationRelay(self._scheduler, self.quota, admitted).run(recorder)
         except asyncio.CancelledError:
             logger.info("request ended early: %s", _cancellation_outcome(context), extra=log_extra)
             raise

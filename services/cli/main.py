@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli import demo
+from services.cli import cache_commands, demo
 from services.cli import usage as usage_command
 from services.cli.client import chat_request, stream_generate, tenant_channel
 from services.cli.stack import Stack, StackError
@@ -25,6 +25,7 @@ SERVICE_MODULES = {
     "admission": "services.admission",
     "scheduler": "services.scheduler",
     "worker-gpu": "services.worker_gpu",
+    "cache": "services.cache",
 }
 
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="bring the stack up if needed and chat as three tenants at once")
     usage_command.add_parser(commands)
+    cache_commands.add_parsers(commands)
     return parser
 
 
@@ -88,6 +90,8 @@ def run_command(args: argparse.Namespace) -> int:
         return run_health(args.service, config)
     if args.command == "usage":
         return usage_command.run(args, config)
+    if args.command in cache_commands.COMMANDS:
+        return cache_commands.run(args, config)
     return asyncio.run(run_chat(args, config))
 
 
@@ -111,7 +115,7 @@ def run_up(config_path: Path | None) -> int:
     stack.start()
     try:
         print(f"redis      {stack.redis_url}")
-        for name in ("admission", "scheduler", "worker_gpu"):
+        for name in ("admission", "scheduler", "worker_gpu", "cache"):
             service = getattr(stack.config, name)
             print(f"{name:<10} grpc {service.target}  metrics http://127.0.0.1:{service.metrics_port}/metrics")
         print(f"logs in {stack.log_dir}; Ctrl-C stops everything", flush=True)

@@ -35,7 +35,7 @@ from services.common.identity import PeerKind, peer_uri
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAMES = ("admission", "scheduler", "worker-gpu")
+SERVICE_NAMES = ("admission", "scheduler", "worker-gpu", "cache")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # A DNS name for a SAN: dot-separated labels of letters, digits, '-' and '_'
 # (Docker service names use '_'), optionally starting with a '*.' wildcard.

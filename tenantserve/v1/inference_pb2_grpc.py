@@ -55,6 +55,26 @@ class InferenceStub:
                 request_serializer=tenantserve_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=tenantserve_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/tenantserve.v1.Inference/Embed',
+                request_serializer=tenantserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=tenantserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.UpsertDocuments = channel.unary_unary(
+                '/tenantserve.v1.Inference/UpsertDocuments',
+                request_serializer=tenantserve_dot_v1_dot_inference__pb2.UpsertDocumentsRequest.SerializeToString,
+                response_deserializer=tenantserve_dot_v1_dot_inference__pb2.UpsertDocumentsResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/tenantserve.v1.Inference/Search',
+                request_serializer=tenantserve_dot_v1_dot_inference__pb2.SearchRequest.SerializeToString,
+                response_deserializer=tenantserve_dot_v1_dot_inference__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.DeleteDocuments = channel.unary_unary(
+                '/tenantserve.v1.Inference/DeleteDocuments',
+                request_serializer=tenantserve_dot_v1_dot_inference__pb2.DeleteDocumentsRequest.SerializeToString,
+                response_deserializer=tenantserve_dot_v1_dot_inference__pb2.DeleteDocumentsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -95,6 +115,55 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Return a unit-length embedding vector for each text, from the caller's
+        own embedding cache where possible.
+
+        A text longer than the embedding model's maximum (EmbedResponse.
+        max_tokens, [CLS] and [SEP] included) is rejected, never truncated.
+        Status codes: INVALID_ARGUMENT for an empty list, an empty text, more
+        texts than the per-call maximum or a text over the token maximum (the
+        message names the field and the limit), PERMISSION_DENIED for an
+        unknown tenant, RESOURCE_EXHAUSTED when a tenant limit is full,
+        UNAVAILABLE when the cache service cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertDocuments(self, request, context):
+        """Insert or replace documents in the caller's retrieval store.
+
+        Status codes as for Embed; also INVALID_ARGUMENT for an empty or
+        repeated document id, and RESOURCE_EXHAUSTED when the store would hold
+        more than the tenant's max_documents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """Return the caller's k documents most similar to the query (exact cosine
+        similarity), best first.
+
+        Status codes as for Embed; also INVALID_ARGUMENT for k <= 0 or above the
+        maximum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDocuments(self, request, context):
+        """Delete documents from the caller's retrieval store, all or none.
+
+        Status codes: INVALID_ARGUMENT for an empty list or an empty id,
+        NOT_FOUND when an id is not in the store (nothing is deleted), and the
+        codes of Embed for the tenant and the service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +181,26 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=tenantserve_dot_v1_dot_inference__pb2.GetUsageRequest.FromString,
                     response_serializer=tenantserve_dot_v1_dot_inference__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=tenantserve_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=tenantserve_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'UpsertDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertDocuments,
+                    request_deserializer=tenantserve_dot_v1_dot_inference__pb2.UpsertDocumentsRequest.FromString,
+                    response_serializer=tenantserve_dot_v1_dot_inference__pb2.UpsertDocumentsResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=tenantserve_dot_v1_dot_inference__pb2.SearchRequest.FromString,
+                    response_serializer=tenantserve_dot_v1_dot_inference__pb2.SearchResponse.SerializeToString,
+            ),
+            'DeleteDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDocuments,
+                    request_deserializer=tenantserve_dot_v1_dot_inference__pb2.DeleteDocumentsRequest.FromString,
+                    response_serializer=tenantserve_dot_v1_dot_inference__pb2.DeleteDocumentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -200,6 +289,114 @@ class Inference:
             '/tenantserve.v1.Inference/GetUsage',
             tenantserve_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
             tenantserve_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantserve.v1.Inference/Embed',
+            tenantserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            tenantserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantserve.v1.Inference/UpsertDocuments',
+            tenantserve_dot_v1_dot_inference__pb2.UpsertDocumentsRequest.SerializeToString,
+            tenantserve_dot_v1_dot_inference__pb2.UpsertDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantserve.v1.Inference/Search',
+            tenantserve_dot_v1_dot_inference__pb2.SearchRequest.SerializeToString,
+            tenantserve_dot_v1_dot_inference__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenantserve.v1.Inference/DeleteDocuments',
+            tenantserve_dot_v1_dot_inference__pb2.DeleteDocumentsRequest.SerializeToString,
+            tenantserve_dot_v1_dot_inference__pb2.DeleteDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

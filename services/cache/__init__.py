@@ -1,0 +1,1 @@
+"""The cache service: tenant-isolated embeddings, retrieval and cached completions."""
