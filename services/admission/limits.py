@@ -1,10 +1,10 @@
 """Per-tenant limits decided, and reservations settled, atomically in Redis.
 
-One admission decision is one EVALSHA of ``DECIDE_SCRIPT``: it reads the
-tenant's limits from ``{tenant}:limits``, checks every limit, and only when
-all pass reserves a rate slot, ``prompt_tokens + max_tokens`` tokens against
-the tokens-per-minute window and the daily and monthly budgets, and a
-concurrency lease. A rejected request reserves nothing. When the stream
+One admission decision is one EVALSHA of ``DECIDE_SCRIPT``. The script
+reads the tenant's limits from ``{tenant}:limits`` and checks every limit.
+Only when all pass does it reserve a rate slot, a concurrency lease, and
+``prompt_tokens + max_tokens`` tokens against the tokens-per-minute window
+and the daily and monthly budgets. A rejected request reserves nothing. When the stream
 ends, one EVALSHA of ``SETTLE_SCRIPT`` returns the unused tokens and
 records the usage, at most once per request id. quota_scripts.py
 describes the keys.
@@ -54,7 +54,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class AdmissionRequest:
-    """What the decision needs to know about one request."""
+    """The fields of one request that the decision script checks."""
 
     tenant_id: str
     request_id: str
@@ -170,7 +170,7 @@ class TenantLimiter:
     ) -> None:
         if lease_ttl_seconds <= 0:
             raise ValueError(f"lease_ttl_seconds must be > 0, got {lease_ttl_seconds}")
-        self._client = client
+        self.client = client
         self.lease_ttl_seconds = lease_ttl_seconds
         self._lease_ttl_us = int(lease_ttl_seconds * 1_000_000)
         self._retention_us = int(settled_retention_seconds * 1_000_000)
@@ -180,7 +180,7 @@ class TenantLimiter:
         self._report = client.register_script(quota_scripts.REPORT_SCRIPT)
 
     async def admit(self, request: AdmissionRequest) -> Decision:
-        """Decide whether the request may start; when admitted it holds a reservation until settled.
+        """Decide whether the request may start. An admitted request keeps its reservation until settled.
 
         Raises redis.exceptions.RedisError when the server cannot be reached.
         """

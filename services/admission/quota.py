@@ -19,15 +19,17 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from services.common.config import Config, TenantConfig
-from services.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError
+from services.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unavailable
 
 from . import metrics
 from .limits import AdmissionRequest, Decision, Limit, Outcome, StreamLease, TenantLimiter, rejection_message
 from .quota_outage import LocalFallback, QuotaStoreHealth
+from .tenant_limits import seed_tenants
 
 logger = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "tenantserve.admission"
+QUOTA_STORE_UNAVAILABLE = "the quota store is unavailable; retry the request"
 # Retry hint for a full max_concurrent_streams, whose slots free when
 # streams end, which no counter predicts.
 STREAMS_RETRY_SECONDS = 1.0
@@ -81,11 +83,24 @@ class QuotaGate:
             self.health.mark_unavailable(exc)
             return self._admit_locally(tenant, request)
         self.health.mark_available()
+        if decision.outcome is Outcome.UNKNOWN_TENANT:
+            decision = await self._reseed_and_decide(tenant, request)
         _count_decision(request.tenant_id, decision)
         if not decision.admitted:
             raise rejection_error(request.tenant_id, decision)
         lease = StreamLease(self._limiter, request.tenant_id, request.request_id)
         return Reservation(request.tenant_id, request.request_id, request.num_prompt_tokens, True, lease)
+
+    async def _reseed_and_decide(self, tenant: TenantConfig, request: AdmissionRequest) -> Decision:
+        """Store the config file's limits again when Redis lost them (a restart without persistence), then decide."""
+        try:
+            seeded = await seed_tenants(self._limiter.client, [tenant])
+            if seeded:
+                logger.warning("the limits of tenant %s were missing in Redis; stored them from the config file", tenant.name)
+            return await self._limiter.admit(request)
+        except redis.exceptions.RedisError as exc:
+            self.health.mark_unavailable(exc)
+            raise Unavailable(QUOTA_STORE_UNAVAILABLE) from exc
 
     def _admit_locally(self, tenant: TenantConfig, request: AdmissionRequest) -> Reservation:
         log_extra = {"request_id": request.request_id, "tenant_id": request.tenant_id}

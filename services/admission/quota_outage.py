@@ -1,4 +1,4 @@
-"""What admission does while Redis, the quota store, cannot be reached.
+"""The admission policy for the time Redis, the quota store, cannot be reached.
 
 The policy is configured per kind of limit in the admission config section
 (``redis_failure_budgets``, ``redis_failure_concurrency``,
@@ -36,7 +36,7 @@ class StoreState(enum.Enum):
 
 
 class QuotaStoreHealth:
-    """Track whether Redis answers; log and count each change of state once."""
+    """Track whether Redis calls succeed, and log and count each change of state once."""
 
     def __init__(self) -> None:
         self.state = StoreState.AVAILABLE

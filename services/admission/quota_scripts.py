@@ -179,8 +179,9 @@ for _, name in ipairs({'requests_per_minute', 'tokens_per_minute', 'max_concurre
   limit[name] = tonumber(limit[name] or '0')
 end
 
+-- HMGET returns false for a missing field, which allows all, as an empty list does.
 local function listed(list, name)
-  return list == nil or list == '' or string.find(',' .. list .. ',', ',' .. name .. ',', 1, true) ~= nil
+  return not list or list == '' or string.find(',' .. list .. ',', ',' .. name .. ',', 1, true) ~= nil
 end
 
 -- Checks of the request alone: permissions and sizes.

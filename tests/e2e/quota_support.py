@@ -82,7 +82,7 @@ def admission_process(config_path: Path, listen: str, log_path: Path) -> Any:
 
 
 def wait_for_port(target: str, cert_dir: Path, tenant_id: str, timeout: float = 120.0) -> None:
-    """Wait until an admission server at ``target`` answers ListModels."""
+    """Wait until an admission server at ``target`` returns a ListModels response."""
     deadline = time.monotonic() + timeout
     with grpc.secure_channel(target, tls_credentials(cert_dir, tenant_id)) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
@@ -150,8 +150,8 @@ def rich_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
 class RestartableValkey:
     """A valkey-server on a fixed loopback port that can be stopped and started again with its data.
 
-    ValkeyServer picks a new port at each start; a restart on the same port
-    is what admission sees when its Redis server goes down and comes back.
+    ValkeyServer picks a new port at each start, but a Redis server that goes
+    down and comes back keeps its address, so admission reconnects to the same port.
     """
 
     def __init__(self, data_dir: Path) -> None:
