@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 RATE_WINDOW_SECONDS = 60
 DEFAULT_LEASE_TTL_SECONDS = 30.0
-KEY_SUFFIXES = ("limits", "rpm", "tpm", "tpm_sum", "streams", "reservations", "budget", "usage", "settled")
+KEY_SUFFIXES = ("limits", "rpm", "tpm", "tpm_sum", "streams", "reservations", "budget", "usage", "settled", "reclaimed")
 
 
 class Limit(enum.Enum):
@@ -222,8 +222,9 @@ class TenantLimiter:
         is then refunded in full, its rate slot included, and no usage is
         recorded. ``reserved`` is False for a request admitted while Redis
         was unreachable; its ``num_prompt_tokens`` and completion tokens
-        are then counted once. Returns False when the request was already
-        settled or reclaimed. Raises redis.exceptions.RedisError.
+        are then counted once. A request whose lease was reclaimed is
+        settled too, replacing its full charge. Returns False when the
+        request was already settled. Raises redis.exceptions.RedisError.
         """
         outcome, _unused = await self._settle(
             keys=tenant_keys(tenant_id),

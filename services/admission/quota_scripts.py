@@ -22,13 +22,16 @@ cluster shard:
    ``reclaimed_tokens`` for reservations whose lease expired unsettled.
 9. ``{tenant}:settled``: sorted set, request id scored by settlement time:
    the idempotency markers, kept for ``SETTLED_RETENTION_SECONDS``.
+10. ``{tenant}:reclaimed``: hash, request id to the reservation of each
+    reclaimed request, kept as long as its marker.
 
 Times are microseconds of the Redis server's clock (``TIME``). A lease that
 expired unsettled (its admission process died or lost Redis for longer than
-the lease) is reclaimed by the next script run for the tenant: its full
+the lease) is reclaimed by the next script run for the tenant. Its full
 reservation stays charged to the token windows and budgets, it is counted
-under ``reclaimed_*``, and its request id is marked settled so that a late
-settlement changes nothing.
+under ``reclaimed_*``, and its request id is marked settled. When the
+admission process was alive after all and settles the request before the
+marker expires, that settlement replaces the full charge by the usage, once.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ MAX_RECLAIMS_PER_RUN = 100
 # Shared by every script: time, calendar periods, trimming and reclaiming.
 PRELUDE = """
 local K_LIMITS, K_RPM, K_TPM, K_TPM_SUM, K_STREAMS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_RESERVATIONS, K_BUDGET, K_USAGE, K_SETTLED = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_RESERVATIONS, K_BUDGET, K_USAGE, K_SETTLED, K_RECLAIMED = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local WINDOW = 60000000
 local DAY = 86400000000
 
@@ -120,8 +123,17 @@ local function trim_tokens()
   return tonumber(redis.call('GET', K_TPM_SUM) or '0')
 end
 
+-- Drop markers older than the retention, and the reclaimed reservations they guard.
+local function trim_settled(retention)
+  local old = redis.call('ZRANGEBYSCORE', K_SETTLED, '-inf', now - retention)
+  if #old > 0 then
+    redis.call('ZREMRANGEBYSCORE', K_SETTLED, '-inf', now - retention)
+    for _, request_id in ipairs(old) do redis.call('HDEL', K_RECLAIMED, request_id) end
+  end
+end
+
 local function mark_settled(request_id, retention)
-  redis.call('ZREMRANGEBYSCORE', K_SETTLED, '-inf', now - retention)
+  trim_settled(retention)
   redis.call('ZADD', K_SETTLED, now, request_id)
 end
 
@@ -135,6 +147,7 @@ local function reclaim_expired(retention)
       redis.call('HINCRBY', K_USAGE, 'reclaimed_requests', 1)
       redis.call('HINCRBY', K_USAGE, 'reclaimed_tokens', prompt + max_tokens)
       redis.call('HDEL', K_RESERVATIONS, request_id)
+      redis.call('HSET', K_RECLAIMED, request_id, reservation)
     end
     redis.call('ZREM', K_STREAMS, request_id)
     mark_settled(request_id, retention)
@@ -248,20 +261,30 @@ return {0, '', 0, 0, 0, version}
 # ARGV: 1 request id, 2 completion tokens, 3 "1" when the request started
 # (its prompt reached the model), 4 "1" when admission reserved it in Redis,
 # 5 prompt tokens (for a request admitted without a reservation), 6 marker
-# retention in microseconds. Returns {outcome, tokens returned}: 0 settled,
-# 1 already settled or reclaimed, 2 no reservation and no marker (the
-# marker expired), so nothing is changed.
+# retention in microseconds. Returns {outcome, tokens returned}: 0 settled
+# (a reclaimed request included), 1 already settled, 2 no reservation and no
+# marker (the marker expired), so nothing is changed.
 SETTLE_SCRIPT = PRELUDE + """
 local request_id, completion = ARGV[1], tonumber(ARGV[2])
 local started, reserved = ARGV[3] == '1', ARGV[4] == '1'
 local retention = tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', K_SETTLED, '-inf', now - retention)
-if redis.call('ZSCORE', K_SETTLED, request_id) then return {1, 0} end
+trim_settled(retention)
 
 local function record_usage(prompt, completion_tokens)
   redis.call('HINCRBY', K_USAGE, 'requests', 1)
   redis.call('HINCRBY', K_USAGE, 'prompt_tokens', prompt)
   redis.call('HINCRBY', K_USAGE, 'completion_tokens', completion_tokens)
+end
+
+local reservation
+if redis.call('ZSCORE', K_SETTLED, request_id) then
+  reservation = reserved and redis.call('HGET', K_RECLAIMED, request_id)
+  if not reservation then return {1, 0} end
+  -- Settled after its lease was reclaimed: undo the reclaim, then settle as usual.
+  local prompt, max_tokens = parse_reservation(reservation)
+  redis.call('HDEL', K_RECLAIMED, request_id)
+  redis.call('HINCRBY', K_USAGE, 'reclaimed_requests', -1)
+  redis.call('HINCRBY', K_USAGE, 'reclaimed_tokens', -(prompt + max_tokens))
 end
 
 if not reserved then
@@ -275,7 +298,7 @@ if not reserved then
   return {0, 0}
 end
 
-local reservation = redis.call('HGET', K_RESERVATIONS, request_id)
+reservation = reservation or redis.call('HGET', K_RESERVATIONS, request_id)
 if not reservation then return {2, 0} end
 local prompt, max_tokens, day, month = parse_reservation(reservation)
 if completion > max_tokens then completion = max_tokens end

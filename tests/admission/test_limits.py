@@ -312,17 +312,38 @@ def test_expired_lease_reclaimed_with_reservation(valkey_url: str) -> None:
 
         await asyncio.sleep(0.4)
         after_expiry = await limiter.admit(make_request(tenant_id, prompt=1, max_tokens=1))
-        late_settle = await limiter.settle(tenant_id, orphan.request_id, num_completion_tokens=3, started=True)
         report = await limiter.report(tenant_id)
 
         assert blocked.limit is Limit.MAX_CONCURRENT_STREAMS
         assert after_expiry.admitted
-        assert not late_settle
         assert report.num_reclaimed_requests == 1
         assert report.reclaimed_tokens == 100
         assert report.num_requests == 0
         # The reclaimed reservation stays charged in full.
         assert report.limit(Limit.DAILY_TOKEN_BUDGET).used == 102
+        assert report.limit(Limit.TOKENS_PER_MINUTE).used == 102
+
+
+def test_late_settlement_replaces_reclaim(valkey_url: str) -> None:
+    async def body(tenant_id: str, limiter: TenantLimiter, client: redis.asyncio.Redis) -> None:
+        # The lease expires, as when admission loses Redis for longer than the lease.
+        request = make_request(tenant_id, prompt=10, max_tokens=90)
+        assert (await limiter.admit(request)).admitted
+        await asyncio.sleep(0.4)
+        assert (await limiter.report(tenant_id)).num_reclaimed_requests == 1
+
+        settled = [await limiter.settle(tenant_id, request.request_id, num_completion_tokens=3, started=True) for _ in range(2)]
+        report = await limiter.report(tenant_id)
+
+        assert settled == [True, False]
+        assert report.num_reclaimed_requests == 0
+        assert report.reclaimed_tokens == 0
+        assert report.num_requests == 1
+        assert report.completion_tokens == 3
+        assert report.limit(Limit.DAILY_TOKEN_BUDGET).used == 13
+        assert report.limit(Limit.TOKENS_PER_MINUTE).used == 13
+
+    run_with_limiter(valkey_url, {}, body, lease_ttl_seconds=0.3)
 
     run_with_limiter(valkey_url, {"max_concurrent_streams": 1}, body, lease_ttl_seconds=0.3)
 
