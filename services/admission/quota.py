@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import redis.exceptions
 from google.protobuf import duration_pb2
@@ -164,8 +166,8 @@ class QuotaGate:
         reservation = Reservation(request.tenant_id, request.request_id, request.num_prompt_tokens, True, None)
         self._spawn(self.settle(reservation, num_completion_tokens=0, started=False))
 
-    def _spawn(self, coroutine: object) -> None:
-        task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
 
