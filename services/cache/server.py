@@ -23,8 +23,9 @@ from .batcher import DynamicBatcher
 from .completions import CompletionCache
 from .documents import DocumentStore
 from .embedding_cache import EmbeddingCache
-from .encoder import SentenceEncoder, resolve_model_dir, select_device
+from .encoder import SentenceEncoder, select_device
 from .lru_store import LruStore
+from .model_files import resolve_model_dir
 from .servicer import CacheServicer
 
 logger = logging.getLogger(__name__)

@@ -78,7 +78,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
                 num_documents = await self._documents.upsert(tenant.name, stored, tenant.max_documents)
             except StoreFull as exc:
                 raise ResourceExhausted(
-                    f"documents: tenant {tenant.name!r} holds {exc.num_documents} documents and its limit "
+                    f"documents: tenant {tenant.name!r} has {exc.num_documents} documents and its limit "
                     f"max_documents={tenant.max_documents} leaves no room for this call; delete documents first"
                 ) from exc
         return inference_pb2.UpsertDocumentsResponse(num_upserted=len(stored), num_documents=num_documents, num_tokens=num_tokens)

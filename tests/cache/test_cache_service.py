@@ -108,7 +108,7 @@ def test_budget_evicts_only_own_oldest(tmp_path: Path, valkey_url: str) -> None:
     run_with_cache(tmp_path, valkey_url, tenants, scenario)
 
 
-def test_a_hit_refreshes_lru_order(tmp_path: Path, valkey_url: str) -> None:
+def test_hit_refreshes_lru_order(tmp_path: Path, valkey_url: str) -> None:
     tenants = [{"name": "lru-a", "max_embedding_cache_bytes": 2 * entry_bytes("lru-a")}]
 
     async def scenario(stub: cache_pb2_grpc.CacheStub, client: redis.asyncio.Redis) -> None:
