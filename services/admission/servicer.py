@@ -103,7 +103,8 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
             max_tokens=request.sampling.max_tokens,
         )
         reservation = await self._admit(tenant, admission_request)
-        if await self._answer_from_completion_cache(tenant, request, reservation, context):
+        cached_result = await self._answer_from_completion_cache(tenant, request, reservation, context)
+        if cached_result is not None:
             return
         logger.info(
             "admitted request: model %s, %d prompt tokens, max_tokens %d, client_request_id %r",
