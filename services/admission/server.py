@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import redis.asyncio
@@ -14,12 +15,16 @@ import redis.exceptions
 from services.common.config import Config, ConfigError
 from services.common.grpc_server import RunningServer, start_server
 from services.common.metrics import start_metrics_server
-from services.common.tls import secure_channel, service_channel_credentials
+from services.common.tls import MAX_CONNECTION_AGE_OPTIONS, secure_channel, service_channel_credentials
 from services.common.valkey import redis_client
-from tenantserve.v1 import inference_pb2, inference_pb2_grpc, scheduler_pb2_grpc
+from tenantserve.v1 import admin_pb2_grpc, inference_pb2, inference_pb2_grpc, scheduler_pb2_grpc
 
+from .admin_servicer import ADMIN_SERVICE, AdminOnlyInterceptor, AdminServicer
+from .audit import AuditLog
 from .cache_client import CacheClient
 from .limits import TenantLimiter
+from .policy import InvalidUtf8Interceptor, PromptPolicy
+from .revocation import RevocationInterceptor, RevocationList
 from .servicer import InferenceServicer
 from .tenant_limits import seed_tenants
 from .tokenization import PromptTokenizer
@@ -42,6 +47,7 @@ class AdmissionServer:
     redis: redis.asyncio.Redis
     scheduler_channel: grpc.aio.Channel
     cache_channel: grpc.aio.Channel | None = None
+    audit_log: AuditLog | None = None
 
     @property
     def port(self) -> int:
@@ -54,6 +60,8 @@ class AdmissionServer:
         if self.cache_channel is not None:
             await self.cache_channel.close()
         await self.redis.aclose()
+        if self.audit_log is not None:
+            self.audit_log.close()
 
 
 async def start_admission(
@@ -72,10 +80,13 @@ async def start_admission(
     Raises ConfigError when ``config.redis_url`` is empty or Redis cannot be
     reached, and RuntimeError when the address cannot be bound.
     """
+    policy = PromptPolicy.from_config(config)
     client = await connect_redis(config.redis_url)
     seeded = await seed_tenants(client, config.tenants)
     if seeded:
         logger.info("stored the config file's limits of tenants %s in Redis", ", ".join(seeded))
+    revocations = RevocationList(client, config.admission.revocation_cache_seconds)
+    await revocations.load()
     if tokenizer is None:
         tokenizer = await asyncio.to_thread(PromptTokenizer.load, config)
     channel = secure_channel(
@@ -88,30 +99,55 @@ async def start_admission(
         service_channel_credentials(config.tls.cert_dir, SERVICE_NAME),
         server_name=CACHE_SERVICE_NAME,
     )
+    audit_log = AuditLog(
+        audit_log_path(config), config.admission.audit_log_max_bytes, config.admission.audit_log_backup_count
+    )
     servicer = InferenceServicer(
         config,
         tokenizer,
         TenantLimiter(client, lease_ttl_seconds or config.admission.lease_ttl_seconds),
         scheduler_pb2_grpc.SchedulerStub(channel),
         cache=CacheClient(cache_channel),
+        policy=policy,
+        audit_log=audit_log,
     )
+
+    admin_servicer = AdminServicer(client, config.tls.cert_dir, revocations)
 
     def register(server: grpc.aio.Server) -> list[str]:
         inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
-        return [INFERENCE_SERVICE]
+        admin_pb2_grpc.add_AdminServicer_to_server(admin_servicer, server)
+        return [INFERENCE_SERVICE, ADMIN_SERVICE]
 
     try:
-        # Admission checks the tenant identity itself, so every verified
-        # certificate may reach the servicer.
+        # Admission checks the peer kind itself (tenants for Inference,
+        # admins for Admin), so every verified certificate that is not
+        # revoked may reach the servicers.
         running = await start_server(
-            SERVICE_NAME, listen or config.admission.listen, config.tls.cert_dir, register, allowed_peer=None
+            SERVICE_NAME,
+            listen or config.admission.listen,
+            config.tls.cert_dir,
+            register,
+            allowed_peer=None,
+            interceptors=[RevocationInterceptor(revocations), AdminOnlyInterceptor(), InvalidUtf8Interceptor()],
+            extra_options=MAX_CONNECTION_AGE_OPTIONS,
         )
     except BaseException:
         await channel.close()
         await cache_channel.close()
         await client.aclose()
+        audit_log.close()
         raise
-    return AdmissionServer(running=running, redis=client, scheduler_channel=channel, cache_channel=cache_channel)
+    return AdmissionServer(
+        running=running, redis=client, scheduler_channel=channel, cache_channel=cache_channel, audit_log=audit_log
+    )
+
+
+def audit_log_path(config: Config) -> Path:
+    """Return the configured audit log path, or <state_dir>/logs/audit.jsonl."""
+    if config.admission.audit_log_path:
+        return Path(config.admission.audit_log_path)
+    return config.state_dir / "logs" / "audit.jsonl"
 
 
 async def connect_redis(url: str, timeout: float = REDIS_CONNECT_TIMEOUT_SECONDS) -> redis.asyncio.Redis:

@@ -15,11 +15,13 @@ from services.common.errors import ServiceError, Unavailable, map_errors
 from tenantserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from . import metrics
+from .audit import AuditLog, RequestAudit
 from .auth import authenticate_tenant
 from .cache_client import CacheClient
 from .embedding_servicer import EmbeddingRelayMixin
 from .generation import AdmittedRequest, GenerationRelay
 from .limits import AdmissionRequest, TenantLimiter
+from .policy import PromptPolicy
 from .quota import QuotaGate, Reservation
 from .tokenization import PromptTokenizer
 from .usage_report import usage_response
@@ -40,7 +42,11 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         limiter: TenantLimiter,
         scheduler: scheduler_pb2_grpc.SchedulerStub,
         cache: CacheClient | None = None,
+        policy: PromptPolicy | None = None,
+        audit_log: AuditLog | None = None,
     ) -> None:
+        self._policy = policy or PromptPolicy({}, [])
+        self._audit_log = audit_log or AuditLog(None, max_bytes=1, backup_count=1)
         self._config = config
         self._tokenizer = tokenizer
         self._limiter = limiter
@@ -67,12 +73,16 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         arrival_time = time.perf_counter()
         tenant_label = metrics.UNKNOWN_TENANT
         outcome = "ok"
+        service_class_name = SERVICE_CLASS_NAMES.get(effective_service_class(request.service_class), "invalid")
+        audit = RequestAudit(self._audit_log, request.model, service_class_name, arrival_time)
         try:
             tenant = authenticate_tenant(context, self._config)
             tenant_label = tenant.name
-            await self._generate(request, context, tenant, arrival_time)
+            audit.tenant_id = tenant.name
+            await self._generate(request, context, tenant, arrival_time, audit)
         except ServiceError as exc:
             outcome = exc.code.name.lower()
+            audit.reject(exc.code, exc.message)
             raise
         except asyncio.CancelledError:
             outcome = _cancellation_outcome(context)
@@ -86,9 +96,13 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         context: grpc.aio.ServicerContext,
         tenant: TenantConfig,
         arrival_time: float,
+        audit: RequestAudit,
     ) -> None:
         model = validate_request(request, self._config)
+        # The policy may rewrite the request's texts (redaction), so it runs before tokenization.
+        policy_labels = self._policy.apply(tenant.name, model.name, request)
         prompt_token_ids = await self._tokenizer.tokenize(request, model)
+        audit.prompt_tokens = len(prompt_token_ids)
         check_context_length(len(prompt_token_ids), request.sampling.max_tokens, model)
 
         request_id = uuid.uuid4().hex
@@ -103,8 +117,8 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
             max_tokens=request.sampling.max_tokens,
         )
         reservation = await self._admit(tenant, admission_request)
-        cached_result = await self._answer_from_completion_cache(tenant, request, reservation, context)
-        if cached_result is not None:
+        audit.admit(request_id, tenant.name, len(prompt_token_ids), policy_labels)
+        if await self._answer_from_completion_cache(tenant, request, reservation, context):
             return
         logger.info(
             "admitted request: model %s, %d prompt tokens, max_tokens %d, client_request_id %r",
@@ -125,18 +139,22 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         )
         admitted = AdmittedRequest(schedule_request, request.client_request_id, reservation, arrival_time)
         metrics.ACTIVE_STREAMS.labels(tenant.name).inc()
+        relay = GenerationRelay(self._scheduler, self.quota, admitted)
         try:
             recorder = self._completion_recorder(tenant, request, context)
-            result = await GenerationRelay(self._scheduler, self.quota, admitted).run(recorder)
+            result = await relay.run(recorder)
         except asyncio.CancelledError:
             logger.info("request ended early: %s", _cancellation_outcome(context), extra=log_extra)
+            audit.settle(_cancellation_outcome(context), None, relay.num_completion_tokens)
             raise
         except ServiceError as exc:
             logger.error("request failed: %s: %s", exc.code.name, exc.message, extra=log_extra)
+            audit.settle("failed", exc.code.name, relay.num_completion_tokens)
             raise
         finally:
             metrics.ACTIVE_STREAMS.labels(tenant.name).dec()
             metrics.REQUEST_LATENCY.labels(tenant.name).observe(time.perf_counter() - arrival_time)
+        audit.settle("finished", None, result.usage.completion_tokens)
         logger.info(
             "finished request: %s, %d completion tokens",
             common_pb2.FinishReason.Name(result.finish_reason),
@@ -186,4 +204,3 @@ def _cancellation_outcome(context: grpc.aio.ServicerContext) -> str:
     """Tell a passed deadline from a caller's cancellation; both cancel the handler."""
     remaining = context.time_remaining()
     return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
-

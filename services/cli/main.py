@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli import cache_commands, demo
+from services.cli import admin, cache_commands, demo
 from services.cli import usage as usage_command
 from services.cli.client import chat_request, stream_generate, tenant_channel
 from services.cli.stack import Stack, StackError
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tenant = certs_commands.add_parser("add-tenant", help="issue a tenant client certificate")
     add_tenant.add_argument("name", help="tenant id, as in the config")
     add_tenant.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    add_admin = certs_commands.add_parser("add-admin", help="issue a client certificate for the Admin API")
+    add_admin.add_argument("name", help="operator name, as in spiffe://tenantserve/admin/NAME")
+    add_admin.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
 
     commands.add_parser("up", help="start Valkey and every service on loopback until Ctrl-C")
 
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="bring the stack up if needed and chat as three tenants at once")
     usage_command.add_parser(commands)
+    admin.add_parser(commands)
     cache_commands.add_parsers(commands)
     return parser
 
@@ -90,6 +94,8 @@ def run_command(args: argparse.Namespace) -> int:
         return run_health(args.service, config)
     if args.command == "usage":
         return usage_command.run(args, config)
+    if args.command == "admin":
+        return admin.run(args, config)
     if args.command in cache_commands.COMMANDS:
         return cache_commands.run(args, config)
     return asyncio.run(run_chat(args, config))
@@ -98,7 +104,12 @@ def run_command(args: argparse.Namespace) -> int:
 def run_certs(args: argparse.Namespace, config: Config) -> int:
     if args.certs_command == "init":
         certs.init_certs(config.tls.cert_dir, config.tls.hosts)
+        certs.add_admin(config.tls.cert_dir, admin.DEFAULT_ADMIN)
         print(f"certificates are in {config.tls.cert_dir}")
+        return 0
+    if args.certs_command == "add-admin":
+        cert_path, key_path = certs.add_admin(config.tls.cert_dir, args.name, valid_days=args.days)
+        print(f"admin {args.name}: certificate {cert_path}, key {key_path}")
         return 0
     cert_path, key_path = certs.add_tenant(config.tls.cert_dir, args.name, valid_days=args.days)
     print(f"tenant {args.name}: certificate {cert_path}, key {key_path}")

@@ -70,11 +70,16 @@ class TenantConfig:
     # Service class name -> {limit name: value} replacing the tenant's limit
     # for requests of that class; the counters stay shared by all classes.
     service_class_overrides: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict, hash=False)
+    # Python regular expressions; a prompt or message that matches one is
+    # rejected with PERMISSION_DENIED. Read from this file only, not from
+    # Redis, so tenants created through the Admin API have none.
+    blocked_patterns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # YAML gives lists; tuples keep the config hashable and immutable.
         object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
         object.__setattr__(self, "allowed_service_classes", tuple(self.allowed_service_classes))
+        object.__setattr__(self, "blocked_patterns", tuple(self.blocked_patterns))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +135,24 @@ class AdmissionConfig(ServiceConfig):
     # Requests per minute per tenant that one admission process admits
     # while the rate limit fails open.
     redis_failure_local_requests_per_minute: int = 60
+    # Seconds a replica may use its copy of the revoked certificate set
+    # before reading it again; 0 reads Redis on every RPC.
+    revocation_cache_seconds: float = 1.0
+    # Prompt policy hooks, as package.module:ClassName, applied in order.
+    # An environment variable gives them comma-separated.
+    policy_hooks: tuple[str, ...] = ()
+    # JSON-lines audit log; empty means <state_dir>/logs/audit.jsonl.
+    audit_log_path: str = ""
+    # The audit log is rotated when it would pass this size in bytes;
+    # audit_log_backup_count rotated files are kept.
+    audit_log_max_bytes: int = 64 * 1024 * 1024
+    audit_log_backup_count: int = 5
+
+    def __post_init__(self) -> None:
+        hooks = self.policy_hooks
+        if isinstance(hooks, str):
+            hooks = [hook.strip() for hook in hooks.split(",") if hook.strip()]
+        object.__setattr__(self, "policy_hooks", tuple(hooks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,11 +378,21 @@ def _validate_admission(admission: AdmissionConfig) -> None:
     for field in ("redis_failure_budgets", "redis_failure_concurrency", "redis_failure_rate"):
         if getattr(admission, field) not in ("open", "closed"):
             raise ConfigError(f"services.admission.{field}: {getattr(admission, field)!r} is invalid; use open or closed")
+    if admission.revocation_cache_seconds < 0:
+        raise ConfigError(
+            f"services.admission.revocation_cache_seconds must be >= 0, got {admission.revocation_cache_seconds}"
+        )
+    if admission.audit_log_max_bytes < 1 or admission.audit_log_backup_count < 1:
+        raise ConfigError(
+            "services.admission.audit_log_max_bytes and audit_log_backup_count must be >= 1, got "
+            f"{admission.audit_log_max_bytes} and {admission.audit_log_backup_count}"
+        )
     if admission.redis_failure_local_requests_per_minute < 1:
         raise ConfigError(
             "services.admission.redis_failure_local_requests_per_minute must be >= 1, "
             f"got {admission.redis_failure_local_requests_per_minute}"
         )
+
 
 def _validate_cache(cache: CacheConfig) -> None:
     for field in ("max_batch_size", "max_texts_per_call", "max_search_k", "embedding_ttl_seconds", "completion_ttl_seconds"):

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.identity import PeerKind, peer_from_context
-from services.common.tls import MAX_CONNECTION_AGE_OPTIONS, SERVER_OPTIONS, server_credentials
+from services.common.tls import SERVER_OPTIONS, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ async def start_server(
     *,
     allowed_peer: PeerKind | None = PeerKind.SERVICE,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    max_connection_age: bool = False,
+    extra_options: Sequence[tuple[str, int]] = (),
 ) -> RunningServer:
     """Start a gRPC server for ``service_name`` on ``listen`` (host:port, port 0 picks a free one).
 
@@ -59,16 +59,16 @@ async def start_server(
     ``allowed_peer`` set, every RPC from a peer of another kind fails with
     PERMISSION_DENIED, except health checks and reflection; None leaves
     the peer check to the servicers. ``interceptors`` run after that
-    check. ``max_connection_age`` closes connections after the age in
-    ``MAX_CONNECTION_AGE_OPTIONS``. It is meant for servers that tenants
-    connect to, because the close also ends long-lived streams between
-    services once the grace period passes. The server certificate is
-    reloaded when its files change. Raises RuntimeError when ``listen``
-    cannot be bound.
+    check. ``extra_options`` are added to ``SERVER_OPTIONS``, for example
+    ``MAX_CONNECTION_AGE_OPTIONS`` on servers that tenants connect to. That
+    one is not for servers between services, because closing a connection
+    also ends its long-lived streams once the grace period passes. The
+    server certificate is reloaded when its files change. Raises
+    RuntimeError when ``listen`` cannot be bound.
     """
     all_interceptors = [PeerKindInterceptor(allowed_peer)] if allowed_peer is not None else []
     all_interceptors += interceptors
-    options = list(SERVER_OPTIONS) + (list(MAX_CONNECTION_AGE_OPTIONS) if max_connection_age else [])
+    options = [*SERVER_OPTIONS, *extra_options]
     server = grpc.aio.server(interceptors=all_interceptors, options=options)
     service_names = list(register(server))
 

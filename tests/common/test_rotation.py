@@ -13,11 +13,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import certs, tls
+from services.common.grpc_server import start_server
 from services.common.tls import CertificateReloader
 
 from .support import TEST_HOSTS, make_cert_dir, running_server
 
 SERVICE = "worker-gpu"
+PEER_ADDRESS_METHOD = "/tenantserve.test.Peer/Address"
+# Short enough that a test can wait for it: gRPC adds up to 10 % jitter.
+SHORT_CONNECTION_AGE_OPTIONS = (("grpc.max_connection_age_ms", 200), ("grpc.max_connection_age_grace_ms", 200))
 
 
 def presented_fingerprint(cert_dir: Path, port: int) -> str:
@@ -108,3 +112,46 @@ def test_reloader_keeps_pair_until_key_matches(tmp_path: Path) -> None:
     assert certificate_without_key is None
     assert matching_pair is not None
     assert after_reload is None
+
+
+async def peer_address(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    """Return the client's address and port, which differ between two connections."""
+    return context.peer().encode()
+
+
+def register_peer_address(server: grpc.aio.Server) -> list[str]:
+    handler = grpc.method_handlers_generic_handler(
+        "tenantserve.test.Peer", {"Address": grpc.unary_unary_rpc_method_handler(peer_address)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    return []
+
+
+def test_max_connection_age_reconnects_channel(tmp_path: Path) -> None:
+    cert_dir = make_cert_dir(tmp_path)
+
+    async def main() -> tuple[bytes, bytes]:
+        server = await start_server(
+            SERVICE,
+            "127.0.0.1:0",
+            cert_dir,
+            register_peer_address,
+            allowed_peer=None,
+            extra_options=SHORT_CONNECTION_AGE_OPTIONS,
+        )
+        try:
+            credentials = tls.service_channel_credentials(cert_dir, "scheduler")
+            async with tls.secure_channel(f"127.0.0.1:{server.port}", credentials, server_name="localhost") as channel:
+                call = channel.unary_unary(PEER_ADDRESS_METHOD)
+                first = await call(b"", timeout=10)
+                # Well past the age plus grace, so the server has closed the connection.
+                await asyncio.sleep(1.0)
+                second = await call(b"", timeout=10, wait_for_ready=True)
+        finally:
+            await server.stop(None)
+        return first, second
+
+    first, second = asyncio.run(main())
+
+    assert first.startswith(b"ipv4:127.0.0.1:")
+    assert second != first
