@@ -119,8 +119,11 @@ class EmbeddingRelayMixin:
         request: inference_pb2.GenerateRequest,
         reservation: Reservation,
         context: grpc.aio.ServicerContext,
-    ) -> bool:
-        """Stream the tenant's cached completion of the admitted ``request`` when there is one; return whether it did.
+    ) -> common_pb2.GenerateResult | None:
+        """Stream the tenant's cached completion of the admitted ``request`` when there is one, and return its result.
+
+        Returns None, having written nothing, when the request must not use
+        the cache or the cache has no entry for it.
 
         The request was admitted like any other, so a cached completion
         counts against the tenant's limits and usage with the completion
@@ -128,10 +131,10 @@ class EmbeddingRelayMixin:
         """
         key = completion_key(request)
         if key is None or self._cache is None:
-            return False
+            return None
         cached = await self._cache.lookup_completion(tenant.name, key)
         if cached is None:
-            return False
+            return None
         try:
             await context.write(common_pb2.GenerateResponse(delta=common_pb2.TextDelta(text=cached.text, token_ids=cached.token_ids)))
         finally:
@@ -149,7 +152,7 @@ class EmbeddingRelayMixin:
             cached.completion_tokens,
             extra={"request_id": reservation.request_id, "tenant_id": tenant.name},
         )
-        return True
+        return result
 
     def _completion_recorder(
         self, tenant: TenantConfig, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext

@@ -118,7 +118,8 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         )
         reservation = await self._admit(tenant, admission_request)
         audit.admit(request_id, tenant.name, len(prompt_token_ids), policy_labels)
-        if await self._answer_from_completion_cache(tenant, request, reservation, context):
+        cached_result = await self._answer_from_completion_cache(tenant, request, reservation, context)
+        if cached_result is not None:
             return
         logger.info(
             "admitted request: model %s, %d prompt tokens, max_tokens %d, client_request_id %r",
