@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 # tenant's Lua script, so it may sit in any slot of a cluster.
 REVOKED_KEY = "tenantserve:revoked_certificates"
 FINGERPRINT_HEX_CHARS = 64
+# A revoked client that keeps calling is logged at most once per interval.
+REJECTION_LOG_INTERVAL_SECONDS = 60.0
 
 
 class RevocationUnavailable(Exception):
@@ -156,6 +158,9 @@ class RevocationInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, revocations: RevocationList) -> None:
         self._revocations = revocations
+        # Fingerprint -> time.monotonic() of its last rejection log line.
+        self._last_logged: dict[str, float] = {}
+        self._num_unlogged: dict[str, int] = {}
 
     async def intercept_service(
         self,
@@ -178,8 +183,22 @@ class RevocationInterceptor(grpc.aio.ServerInterceptor):
             logger.error("revocation check failed for peer %s: %s", context.peer(), exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the revocation list is unavailable; retry the request")
         if revoked:
-            logger.warning("rejected revoked certificate %s from peer %s", fingerprint, context.peer())
+            self._log_rejection(fingerprint, context.peer())
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"the client certificate (SHA-256 {fingerprint}) is revoked; ask an operator for a new one",
             )
+
+    def _log_rejection(self, fingerprint: str, peer: str) -> None:
+        now = time.monotonic()
+        if now - self._last_logged.get(fingerprint, -REJECTION_LOG_INTERVAL_SECONDS) < REJECTION_LOG_INTERVAL_SECONDS:
+            self._num_unlogged[fingerprint] = self._num_unlogged.get(fingerprint, 0) + 1
+            return
+        num_unlogged = self._num_unlogged.pop(fingerprint, 0)
+        self._last_logged[fingerprint] = now
+        logger.warning(
+            "rejected revoked certificate %s from peer %s (%d more rejections since the last line)",
+            fingerprint,
+            peer,
+            num_unlogged,
+        )
