@@ -99,6 +99,7 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         audit: RequestAudit,
     ) -> None:
         model = validate_request(request, self._config)
+        self._tokenizer.check_size(request, model)
         # The policy may rewrite the request's texts (redaction), so it runs before tokenization.
         policy_labels = self._policy.apply(tenant.name, model.name, request)
         prompt_token_ids = await self._tokenizer.tokenize(request, model)
@@ -120,6 +121,7 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         audit.admit(request_id, tenant.name, len(prompt_token_ids), policy_labels)
         cached_result = await self._answer_from_completion_cache(tenant, request, reservation, context)
         if cached_result is not None:
+            audit.settle("finished", None, cached_result.usage.completion_tokens)
             return
         logger.info(
             "admitted request: model %s, %d prompt tokens, max_tokens %d, client_request_id %r",

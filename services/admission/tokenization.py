@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from services.common.config import Config, ModelConfig
+from services.common.errors import InvalidArgument
 from services.common.gguf_tokenizer import ChatTokenizer, load_chat_tokenizer
 from tenantserve.v1 import inference_pb2
 
@@ -34,10 +35,30 @@ class PromptTokenizer:
             logger.info("loaded the tokenizer of model %s from %s", model.name, path)
         return cls(tokenizers)
 
+    def check_size(self, request: inference_pb2.GenerateRequest, model: ModelConfig) -> None:
+        """Reject a prompt whose size in bytes proves it cannot fit the context, before any tokenizing.
+
+        Raises InvalidArgument naming the input field. This bounds the work a
+        single request can cause before its tenant's limits are checked.
+        """
+        max_bytes = model.max_context_tokens * self._tokenizers[model.name].max_token_bytes
+        if request.WhichOneof("input") == "prompt":
+            field, num_bytes = "prompt", len(request.prompt.encode())
+        else:
+            field = "messages"
+            num_bytes = sum(len(message.content.encode()) for message in request.messages.messages)
+        if num_bytes > max_bytes:
+            raise InvalidArgument(
+                field,
+                f"{num_bytes} bytes cannot fit the context of {model.max_context_tokens} tokens "
+                f"of model {model.name!r} (at most {max_bytes} bytes)",
+            )
+
     async def tokenize(self, request: inference_pb2.GenerateRequest, model: ModelConfig) -> list[int]:
         """Return the prompt token ids: chat messages go through the chat template, a raw prompt does not.
 
-        Runs in a worker thread so that a long prompt does not stall other streams.
+        Runs in a worker thread, and the tokenizer releases the GIL, so that a
+        long prompt does not stall other streams.
         """
         tokenizer = self._tokenizers[model.name]
         if request.WhichOneof("input") == "prompt":

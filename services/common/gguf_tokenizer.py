@@ -126,10 +126,15 @@ class ChatTokenizer:
         )
         # Bytes each token id decodes to, for incremental detokenizing.
         self.token_bytes = _token_bytes_table(metadata.tokens, self.special_token_ids)
+        # No token covers more input bytes than this, so a text of more than
+        # max_token_bytes * N bytes cannot encode to N tokens or fewer.
+        self.max_token_bytes = max(len(b) for b in self.token_bytes)
 
     def encode(self, text: str) -> list[int]:
         """Encode ``text`` as plain text: control token names are not special here."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while encode holds it, so a long text
+        # encoded on a worker thread does not stall the caller's event loop.
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         """Render ``messages`` (role, content) with the chat template and encode them.
