@@ -1,7 +1,7 @@
 """The embedding, retrieval and completion-cache parts of the Inference API.
 
 InferenceServicer inherits these methods. The tenant is always the one
-that admission authenticates from the client certificate; the cache
+that admission authenticates from the client certificate. The cache
 service keeps each tenant's data in its own Redis namespace.
 """
 

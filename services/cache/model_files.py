@@ -1,4 +1,4 @@
-"""Locate a sentence-transformers model directory; torch-free, so that admission can read its tokenizer."""
+"""Locate a sentence-transformers model directory without importing torch, so that admission can read its tokenizer."""
 
 from __future__ import annotations
 

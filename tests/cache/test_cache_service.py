@@ -379,3 +379,27 @@ def test_completion_budget_evicts_oldest(tmp_path: Path, valkey_url: str) -> Non
 
     # Each entry is charged about 100 bytes of text, the message framing and its key.
     run_with_cache(tmp_path, valkey_url, [{"name": "cbudget-a", "max_completion_cache_bytes": 2 * 210}], scenario)
+
+
+def test_tenant_b_cannot_evict_a_completions(tmp_path: Path, valkey_url: str) -> None:
+    key_a = "cd" * 32
+    completion = cache_pb2.CachedCompletion(text="kept", finish_reason=common_pb2.FINISH_REASON_STOP, completion_tokens=1)
+    tenants = [
+        {"name": "cevict-a"},
+        {"name": "cevict-b", "max_completion_cache_bytes": 300},
+    ]
+
+    async def scenario(stub: cache_pb2_grpc.CacheStub, client: redis.asyncio.Redis) -> None:
+        await stub.StoreCompletion(cache_pb2.StoreCompletionRequest(tenant_id="cevict-a", key=key_a, completion=completion))
+        # b writes a's key and many more, far over its own budget.
+        for index in range(20):
+            key = key_a if index == 0 else f"{index:064x}"
+            await stub.StoreCompletion(cache_pb2.StoreCompletionRequest(tenant_id="cevict-b", key=key, completion=completion))
+
+        found_a = await stub.LookupCompletion(cache_pb2.LookupCompletionRequest(tenant_id="cevict-a", key=key_a))
+        found_b = await stub.LookupCompletion(cache_pb2.LookupCompletionRequest(tenant_id="cevict-b", key=key_a))
+
+        assert found_a.found
+        assert not found_b.found
+
+    run_with_cache(tmp_path, valkey_url, tenants, scenario)
