@@ -184,6 +184,9 @@ class DocumentStore:
         return [SearchResult(document=documents[i], score=float(scores[i])) for i in top]
 
     async def _current_matrix(self, tenant_id: str) -> TenantMatrix:
+        # NOTE: any write reloads the tenant's whole matrix on the next search
+        # (one HGETALL of every record), so alternating writes and searches
+        # cost O(documents) each.
         version = int(await self._client.get(version_key(tenant_id)) or 0)
         cached = self._matrices.get(tenant_id)
         if cached is not None and cached.version == version:
