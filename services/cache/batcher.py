@@ -1,7 +1,7 @@
 """Dynamic batching: texts from concurrent calls, of any tenants, share forward passes.
 
-The first text to arrive opens a window of ``window_seconds``; the batch is
-encoded when the window closes or when ``max_batch_size`` texts wait,
+The first text to arrive opens a window of ``window_seconds``. The batch
+is encoded when the window closes or when ``max_batch_size`` texts wait,
 whichever comes first. One forward pass runs at a time in a dedicated
 thread, and texts that arrive meanwhile form the next batch. Batching
 shares only compute: each caller gets back the vectors of its own texts.

@@ -6,7 +6,7 @@ metadata, then the float32 vector). ``{tenant}:docs:version`` is
 incremented by every upsert and delete in the same script. A search first
 reads the version (one round trip) and reloads the tenant's matrix only
 when it changed, so every replica of the cache service, and a restarted
-one, searches the documents as Redis holds them.
+one, searches the documents as they are stored in Redis.
 """
 
 from __future__ import annotations

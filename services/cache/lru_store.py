@@ -8,10 +8,10 @@ For a namespace such as ``{tenant}:emb:all-minilm-l6-v2`` the store keeps:
 - ``<namespace>:sizes``: hash digest -> bytes charged for the entry;
 - ``<namespace>:bytes``: bytes charged for all entries.
 
-Every read or write of an entry renews its TTL and its index score, so the
-entries that expired by TTL are always the least recently used and go
-first when the budget is exceeded; until then they still count against
-the budget. Eviction only ever walks the namespace's own index, so one
+Every read or write of an entry renews its TTL and its index score. All
+entries of a namespace have the same TTL, so the ones that expired are
+always the least recently used and are the first to go when the budget
+is exceeded. Until then they still count against the budget. Eviction only ever walks the namespace's own index, so one
 tenant can never evict another's entries.
 """
 
@@ -85,7 +85,7 @@ return num_evicted
 
 @dataclass(frozen=True)
 class StoreUsage:
-    """What a namespace holds: entries in its index and bytes charged."""
+    """Number of entries in a namespace's index and the bytes charged for them."""
 
     num_entries: int
     num_bytes: int
