@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import logging
 import logging.handlers
+import queue
 import time
 import uuid
 from pathlib import Path
@@ -48,8 +49,10 @@ SETTLEMENT = "settlement"
 class AuditLog:
     """Write audit records to a size-rotated JSON-lines file.
 
-    Writes are synchronous and happen on the event loop: one short line
-    per record, flushed at once so that a crash loses none.
+    The event loop only puts each record on a queue. A background thread
+    (logging.handlers.QueueListener) writes and flushes them, so a slow
+    disk never delays a request. Records still queued when the process is
+    killed are lost; ``close`` writes every queued record first.
     """
 
     def __init__(self, path: Path | None, max_bytes: int, backup_count: int) -> None:
@@ -57,12 +60,17 @@ class AuditLog:
         # servers in one process (as in tests) keep separate files.
         self._logger = logging.Logger("tenantserve.audit", logging.INFO)
         self._handler: logging.Handler | None = None
+        self._listener: logging.handlers.QueueListener | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._handler = logging.handlers.RotatingFileHandler(
+            file_handler = logging.handlers.RotatingFileHandler(
                 path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
             )
-            self._handler.setFormatter(logging.Formatter("%(message)s"))
+            file_handler.setFormatter(logging.Formatter("%(message)s"))
+            records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+            self._listener = logging.handlers.QueueListener(records, file_handler)
+            self._listener.start()
+            self._handler = logging.handlers.QueueHandler(records)
             self._logger.addHandler(self._handler)
             logger.info("audit log at %s, rotated at %d bytes, %d old files kept", path, max_bytes, backup_count)
 
@@ -126,10 +134,15 @@ class AuditLog:
         )
 
     def close(self) -> None:
-        if self._handler is not None:
-            self._logger.removeHandler(self._handler)
-            self._handler.close()
-            self._handler = None
+        """Write the queued records, then close the file; later records are dropped."""
+        if self._handler is None or self._listener is None:
+            return
+        self._logger.removeHandler(self._handler)
+        self._handler = None
+        self._listener.stop()
+        for handler in self._listener.handlers:
+            handler.close()
+        self._listener = None
 
     def _write(self, **fields: Any) -> None:
         if self._handler is None:
@@ -137,7 +150,7 @@ class AuditLog:
         record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"), **fields}
         if record["latency_seconds"] is not None:
             record["latency_seconds"] = round(record["latency_seconds"], 6)
-        # A failed write is reported on stderr by logging.Handler.handleError.
+        # The listener thread reports a failed write on stderr (logging.Handler.handleError).
         self._logger.info(json.dumps(record, separators=(",", ":")))
 
 
