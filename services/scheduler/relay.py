@@ -90,6 +90,7 @@ async def _call_worker(
         raise WorkerLost(f"worker {worker.worker_id} left")
     call = worker.stub.Generate(to_worker_request(request.message), timeout=timeout)
     worker.calls_before_first_response.add(call)
+    worker.calls.add(call)
     try:
         while True:
             response = await _read(call, worker)
@@ -99,6 +100,7 @@ async def _call_worker(
             yield response
     finally:
         worker.calls_before_first_response.discard(call)
+        worker.calls.discard(call)
         # Cancelling the call makes the worker free the request's batch slot.
         if not call.done():
             call.cancel()
@@ -108,11 +110,11 @@ async def _read(call: grpc.aio.UnaryStreamCall, worker: WorkerHandle) -> common_
     try:
         return await call.read()
     except asyncio.CancelledError:
-        # The registry cancels calls that have no response yet when their
-        # worker leaves. That cancels the call but not this task.
+        # The registry cancels calls when their worker leaves. That cancels
+        # the call but not this task.
         task = asyncio.current_task()
         if not worker.live and task is not None and task.cancelling() == 0:
-            raise WorkerLost(f"worker {worker.worker_id} left") from None
+            raise WorkerLost(f"worker {worker.worker_id} left ({worker.drop_reason})") from None
         raise
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:

@@ -47,6 +47,8 @@ class WorkerHandle:
     # Generate calls that have not received their first response. They are
     # cancelled when the worker leaves, so that their requests fail over.
     calls_before_first_response: set[grpc.aio.Call] = dataclasses.field(default_factory=set)
+    # Every open Generate call on the worker, streaming or not.
+    calls: set[grpc.aio.Call] = dataclasses.field(default_factory=set)
 
     @property
     def worker_id(self) -> str:
@@ -155,7 +157,11 @@ class WorkerRegistry:
         deadline = self._clock() - self.heartbeat_timeout_seconds
         stale = [handle for handle in self._workers.values() if handle.last_report_time < deadline]
         for handle in stale:
-            self._remove(handle, f"no report within heartbeat_timeout_seconds={self.heartbeat_timeout_seconds:g}")
+            self._remove(
+                handle,
+                f"no report within heartbeat_timeout_seconds={self.heartbeat_timeout_seconds:g}",
+                fail_streaming_calls=True,
+            )
         if stale:
             self.on_change()
         return stale
@@ -194,7 +200,7 @@ class WorkerRegistry:
             self._remove(handle, "scheduler stopping")
         await asyncio.gather(*self._closing_channels, return_exceptions=True)
 
-    def _remove(self, handle: WorkerHandle, reason: str) -> None:
+    def _remove(self, handle: WorkerHandle, reason: str, fail_streaming_calls: bool = False) -> None:
         del self._workers[handle.worker_id]
         handle.live = False
         handle.drop_reason = reason
@@ -202,9 +208,12 @@ class WorkerRegistry:
         logger.info("worker left: worker_id=%s address=%s reason=%s", handle.worker_id, handle.address, reason)
 
         # Requests still waiting for their first response move to another
-        # worker. Calls that are already streaming keep going: the worker may
-        # still be serving them, and a dead worker fails them on its own.
-        for call in list(handle.calls_before_first_response):
+        # worker. Calls that are already streaming keep going when only the
+        # registration stream closed, because the worker may still serve
+        # them. A worker that stopped reporting may be hung and would hold
+        # its streams open until the transport times out, so they fail now.
+        calls = handle.calls if fail_streaming_calls else handle.calls_before_first_response
+        for call in list(calls):
             call.cancel()
         if handle.num_in_flight == 0:
             self._close_channel(handle)

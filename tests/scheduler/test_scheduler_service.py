@@ -340,6 +340,29 @@ def test_lost_worker_after_first_token_is_unavailable(tmp_path: Path, cert_dir: 
     run(scenario)
 
 
+def test_silent_worker_fails_its_streams(tmp_path: Path, cert_dir: Path) -> None:
+    async def scenario() -> None:
+        # The worker holds the stream after one token and never reports
+        # again, as a hung process would; its registration stays open.
+        worker = StubWorker("w1", hold_at=1)
+        worker_server = await start_stub_worker(cert_dir, worker)
+        async with running_scheduler(tmp_path, cert_dir, heartbeat_timeout_seconds=0.5) as scheduler:
+            registration = await scheduler.register(make_report("w1", worker_server.port))
+            call = scheduler.stub().Schedule(make_schedule_request("r1"), timeout=CALL_TIMEOUT_SECONDS)
+            first = await call.read()
+            assert first.delta.text == "t0"
+
+            error = await expect_error(call)
+
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no report within heartbeat_timeout_seconds" in error.details()
+            await wait_until(lambda: not worker.running, "the worker call is cancelled")
+            await registration.close()
+        await worker_server.stop(None)
+
+    run(scenario)
+
+
 def test_queued_request_fails_when_last_worker_leaves(tmp_path: Path, cert_dir: Path) -> None:
     async def scenario() -> None:
         worker = StubWorker("w1", hold_at=1)
