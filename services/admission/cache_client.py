@@ -10,6 +10,7 @@ The cache service keeps the entries of each tenant apart.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -55,6 +56,8 @@ class CacheClient:
         self._stub = cache_pb2_grpc.CacheStub(channel)
         # time.monotonic() before which completion cache calls are skipped.
         self._completion_cache_retry_time = 0.0
+        # Strong references to store tasks, which asyncio keeps only weakly.
+        self._store_tasks: set[asyncio.Task[None]] = set()
 
     async def embed(self, tenant_id: str, request: inference_pb2.EmbedRequest) -> inference_pb2.EmbedResponse:
         return await self._relay(self._stub.Embed, cache_pb2.CacheEmbedRequest(tenant_id=tenant_id, request=request))
@@ -101,6 +104,12 @@ class CacheClient:
         except grpc.aio.AioRpcError as error:
             self._completion_cache_failed("store", tenant_id, error)
 
+    def store_completion_soon(self, tenant_id: str, key: str, completion: cache_pb2.CachedCompletion) -> None:
+        """Start storing a completion in the background, so that the caller's stream is not held up."""
+        task = asyncio.create_task(self.store_completion(tenant_id, key, completion))
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_tasks.discard)
+
     def _completion_cache_failed(self, operation: str, tenant_id: str, error: grpc.aio.AioRpcError) -> None:
         self._completion_cache_retry_time = time.monotonic() + COMPLETION_CACHE_RETRY_SECONDS
         logger.warning(
@@ -124,11 +133,12 @@ class CacheClient:
 
 
 class CompletionRecorder:
-    """A servicer context that records the streamed completion and stores it before the result goes out.
+    """A servicer context that records the streamed completion and stores it once the result is written.
 
-    Storing before the result is written means that a request sent after
-    the result arrived finds the entry. Everything but ``write`` goes to
-    the wrapped context.
+    The store runs in the background after the write, so that it never
+    delays the stream or overlaps its end. A request sent at once after
+    the result may therefore still miss the entry. Everything but
+    ``write`` goes to the wrapped context.
     """
 
     def __init__(self, context: grpc.aio.ServicerContext, cache: CacheClient, tenant_id: str, key: str) -> None:
@@ -140,6 +150,7 @@ class CompletionRecorder:
         self._token_ids: list[int] = []
 
     async def write(self, response: common_pb2.GenerateResponse) -> None:
+        await self._context.write(response)
         if response.HasField("delta"):
             self._pieces.append(response.delta.text)
             self._token_ids.extend(response.delta.token_ids)
@@ -150,8 +161,7 @@ class CompletionRecorder:
                 finish_reason=response.result.finish_reason,
                 completion_tokens=response.result.usage.completion_tokens,
             )
-            await self._cache.store_completion(self._tenant_id, self._key, completion)
-        await self._context.write(response)
+            self._cache.store_completion_soon(self._tenant_id, self._key, completion)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

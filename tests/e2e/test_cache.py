@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -74,13 +75,23 @@ def test_bad_cache_input_names_field(stack: Any, request_message: Any, method: s
     assert error.value.details().startswith(f"{field}:"), error.value.details()
 
 
+def generate_until_cached(stub: Any, request: inference_pb2.GenerateRequest, max_attempts: int = 5) -> Any:
+    """Repeat a request until the completion cache answers it; the cache stores completions in the background."""
+    for _ in range(max_attempts):
+        completion = generate(stub, request)
+        if completion.result.cached:
+            return completion
+        time.sleep(0.2)
+    return completion
+
+
 def test_cached_completion_repeats_original(stack: Any) -> None:
     request = chat_request(unique("Name a primary colour."), max_tokens=8)
     channel_a, stub_a = inference_stub(stack, "alpha")
     channel_b, stub_b = inference_stub(stack, "beta")
     with channel_a, channel_b:
         original = generate(stub_a, request)
-        repeated = generate(stub_a, request)
+        repeated = generate_until_cached(stub_a, request)
         other_tenant = generate(stub_b, request)
 
     assert not original.result.cached
