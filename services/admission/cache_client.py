@@ -23,8 +23,8 @@ from tenantserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2, inference_pb2
 
 logger = logging.getLogger(__name__)
 
-# Seconds a completion lookup or store may add to a Generate call; past it
-# the request goes on uncached.
+# Seconds a completion lookup may add to a Generate call before the request
+# goes on uncached; also the limit of a background store.
 COMPLETION_CACHE_TIMEOUT_SECONDS = 0.5
 # Seconds without completion cache calls after one failed, so that an
 # unreachable cache service costs neither latency nor a log line per request.
