@@ -9,7 +9,7 @@ health.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import certs, tls
-from services.common.config import DEFAULT_CONFIG_PATH, Config, load_config
+from services.common.config import DEFAULT_CONFIG_PATH, Config, load_config, merge_mappings
+from services.common.process import stop_with_parent
 from services.common.valkey import ValkeyServer
 
 logger = logging.getLogger(__name__)
@@ -64,19 +66,11 @@ def write_config(state_dir: Path, overrides: dict[str, Any] | None = None) -> Pa
     for section in raw["services"].values():
         section["listen"] = f"127.0.0.1:{free_port()}"
         section["metrics_port"] = free_port()
-    _merge(raw, overrides or {})
+    merge_mappings(raw, overrides or {})
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> None:
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
 
 
 class Stack:
@@ -96,10 +90,14 @@ class Stack:
     def start(self, timeout: float = 180.0) -> None:
         """Start everything and wait until each service reports SERVING.
 
-        Raises StackError, after stopping what was started, when a service
-        exits or does not become SERVING within ``timeout`` seconds.
+        Raises StackError, after stopping what was started, when a listen
+        port is taken, or when a service exits or does not become SERVING
+        within ``timeout`` seconds.
         """
         try:
+            with self._reserve_listen_ports():
+                self._create_certificates()
+                self._start_valkey()
             self._start_processes()
             deadline = time.monotonic() + timeout
             for section, _, _ in SERVICES:
@@ -108,11 +106,51 @@ class Stack:
             self.stop()
             raise
 
-    def _start_processes(self) -> None:
-        certs.init_certs(self.config.tls.cert_dir, self.config.tls.hosts)
+    @contextlib.contextmanager
+    def _reserve_listen_ports(self) -> Iterator[None]:
+        """Hold every configured listen port, so that Valkey's free port cannot be one of them.
+
+        Raises StackError when a port is taken, typically by a stack that is
+        already running with the same config.
+        """
+        sockets = []
+        try:
+            for section, _, _ in SERVICES:
+                host, _, port = getattr(self.config, section).listen.rpartition(":")
+                sock = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
+                sockets.append(sock)
+                try:
+                    sock.bind((host.strip("[]"), int(port)))
+                except OSError as exc:
+                    raise StackError(
+                        f"services.{section}.listen {host}:{port} is not available ({exc.strerror}); "
+                        "is a stack with this config already running?"
+                    ) from exc
+            yield
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    def _create_certificates(self) -> None:
+        """Create the CA, service certificates and one certificate per configured tenant, where missing."""
+        cert_dir = self.config.tls.cert_dir
+        certs.init_certs(cert_dir, self.config.tls.hosts)
+        for tenant in self.config.tenants:
+            certs.add_tenant(cert_dir, tenant.name)
+
+    def _start_valkey(self) -> None:
         if not self.config.redis_url:
             self.valkey = ValkeyServer()
             self.valkey.start(self.config.state_dir / "valkey")
+
+    def exited(self) -> list[str]:
+        """Return the names of the started processes that have exited, Valkey included."""
+        names = [section for section, process in self.processes.items() if process.poll() is not None]
+        if self.valkey is not None and not self.valkey.running:
+            names.append("valkey")
+        return names
+
+    def _start_processes(self) -> None:
         env = {**os.environ, "TENANTSERVE_CONFIG": str(self.config_path), "TENANTSERVE_REDIS_URL": self.redis_url}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for section, module, _ in SERVICES:
@@ -123,6 +161,7 @@ class Stack:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=stop_with_parent,
             )
             log_file.close()
             logger.info("started %s (pid %d)", section, self.processes[section].pid)

