@@ -49,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run one service in the foreground (one service per host)")
     serve.add_argument("service", choices=sorted(SERVICE_MODULES))
 
-    health = commands.add_parser("health", help="exit 0 when a service reports SERVING (for container health checks)")
-    health.add_argument("service", choices=sorted(SERVICE_MODULES))
+    health = commands.add_parser("health", help="exit 0 when the service, or every service, reports SERVING")
+    health.add_argument(
+        "service", nargs="?", type=lambda name: name.replace("_", "-"), choices=sorted(SERVICE_MODULES),
+        help="service to check (default: all)",
+    )
 
     chat = commands.add_parser("chat", help="stream one answer as a tenant")
     chat.add_argument("--tenant", required=True, help="tenant whose certificate to use")
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run_command(args)
-    except (ConfigError, StackError) as exc:
+    except (ConfigError, StackError, certs.CertificateError, ValueError) as exc:
         print(f"tenantserve: {exc}", file=sys.stderr)
         return 1
 
@@ -91,7 +94,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "certs":
         return run_certs(args, config)
     if args.command == "health":
-        return run_health(args.service, config)
+        services = [args.service] if args.service else sorted(SERVICE_MODULES)
+        return max(run_health(service, config) for service in services)
     if args.command == "usage":
         return usage_command.run(args, config)
     if args.command == "admin":
@@ -131,7 +135,7 @@ def run_up(config_path: Path | None) -> int:
             print(f"{name:<10} grpc {service.target}  metrics http://127.0.0.1:{service.metrics_port}/metrics")
         print(f"logs in {stack.log_dir}; Ctrl-C stops everything", flush=True)
         while not stopped.wait(0.5):
-            exited = [name for name, process in stack.processes.items() if process.poll() is not None]
+            exited = stack.exited()
             if exited:
                 print(f"tenantserve: {', '.join(exited)} exited; see {stack.log_dir}", file=sys.stderr)
                 return 1
@@ -159,7 +163,12 @@ async def run_chat(args: argparse.Namespace, config: Config) -> int:
     model = args.model or config.models[0].name
     request = chat_request(model, args.prompt, args.max_tokens, args.temperature, args.seed, args.system)
     if not (config.tls.cert_dir / "tenants" / f"{args.tenant}.crt").exists():
-        certs.add_tenant(config.tls.cert_dir, args.tenant)
+        print(
+            f"tenantserve: no certificate for tenant {args.tenant} in {config.tls.cert_dir}; "
+            f"create one with `tenantserve certs add-tenant {args.tenant}`",
+            file=sys.stderr,
+        )
+        return 1
     try:
         async with tenant_channel(config.admission.target, config.tls.cert_dir, args.tenant) as channel:
             result = await stream_generate(channel, request, on_text=lambda text: print(text, end="", flush=True))
