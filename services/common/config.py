@@ -13,6 +13,7 @@ values so that one service per host can be configured without a file:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import os
@@ -236,7 +237,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     """Load the config file, apply environment overrides and validate.
 
     ``path`` defaults to ``$TENANTSERVE_CONFIG``, then the packaged default.
-    Raises ConfigError naming the offending field.
+    A file needs only the values that differ from the packaged default: its
+    mappings merge into the default's, and its lists (``tenants``,
+    ``models``) replace the default's. Raises ConfigError naming the
+    offending field.
     """
     environ = os.environ if environ is None else environ
     path = Path(path or environ.get("TENANTSERVE_CONFIG") or DEFAULT_CONFIG_PATH)
@@ -248,7 +252,20 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    if path != DEFAULT_CONFIG_PATH:
+        default_raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+        merge_mappings(default_raw, raw)
+        raw = default_raw
     return parse_config(raw, environ)
+
+
+def merge_mappings(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Merge ``overrides`` into ``base`` in place: nested mappings merge, other values replace."""
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge_mappings(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
 
 
 def parse_config(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
@@ -303,6 +320,14 @@ def _build(section: str, cls: type, values: Any) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{section}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"{section}: missing required field(s) {', '.join(missing)}")
     try:
         return cls(**values)
     except TypeError as exc:

@@ -104,7 +104,14 @@ def build_engine(config: Config, loaded: LoadedModel, observer: EngineObserver |
     worker = config.worker_gpu
     model_config = config.model(loaded.name)
     assert model_config is not None, "load_model took the model from this config"
-    max_model_len = min(model_config.max_context_tokens, loaded.model.config.max_position)
+    if model_config.max_context_tokens > loaded.model.config.max_position:
+        # Admission advertises and enforces max_context_tokens, so a larger
+        # value than the model supports must not start.
+        raise ConfigError(
+            f"models[{model_config.name}].max_context_tokens is {model_config.max_context_tokens}, above the "
+            f"model's context length of {loaded.model.config.max_position}; lower it"
+        )
+    max_model_len = model_config.max_context_tokens
     runner = TorchModelRunner(loaded.model, worker.num_kv_blocks, worker.kv_block_size)
     batch_config = BatchConfig(
         max_batch_size=worker.max_batch_size, max_waiting=worker.max_waiting, max_model_len=max_model_len
