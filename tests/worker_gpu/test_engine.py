@@ -123,6 +123,9 @@ def test_abort_frees_blocks_within_one_step():
             )
             stream = engine.add_request("aborted", "alpha", chat_ids(STORY_REQUEST), SamplingParams(max_tokens=200))
             await anext(stream)
+            # Both must run before the abort, or num_running == 1 below would
+            # hold before the abort takes effect.
+            await wait_until(lambda: engine.stats().num_running == 2)
             blocks_in_use = total_blocks - engine.stats().num_free_kv_blocks
 
             steps_at_abort = recorder.num_steps
