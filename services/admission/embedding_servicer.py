@@ -22,7 +22,7 @@ from services.common.config import Config, TenantConfig
 from services.common.errors import Unavailable, map_errors
 from tenantserve.v1 import common_pb2, inference_pb2
 
-from .auth import authenticate_tenant
+from .auth import TenantDirectory
 from .cache_client import CacheClient, CompletionRecorder, completion_key
 from .limits import AdmissionRequest
 from .quota import QuotaGate, Reservation
@@ -53,12 +53,13 @@ class EmbeddingRelayMixin:
 
     _config: Config
     _cache: CacheClient | None
+    _tenants: TenantDirectory
     quota: QuotaGate
 
     @map_errors
     async def Embed(self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> inference_pb2.EmbedResponse:
         """Return a vector per text. Status codes: see the Inference service in inference.proto."""
-        tenant = authenticate_tenant(context, self._config)
+        tenant = await self._tenants.authenticate(context)
         cache = self._cache_client()
         num_tokens = self._count_tokens(request.texts)
         return await self._relay_admitted(tenant, num_tokens, lambda: cache.embed(tenant.name, request))
@@ -68,7 +69,7 @@ class EmbeddingRelayMixin:
         self, request: inference_pb2.UpsertDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.UpsertDocumentsResponse:
         """Insert or replace the caller's documents. Status codes: see inference.proto."""
-        tenant = authenticate_tenant(context, self._config)
+        tenant = await self._tenants.authenticate(context)
         cache = self._cache_client()
         num_tokens = self._count_tokens([document.text for document in request.documents])
         return await self._relay_admitted(tenant, num_tokens, lambda: cache.upsert_documents(tenant.name, request))
@@ -76,7 +77,7 @@ class EmbeddingRelayMixin:
     @map_errors
     async def Search(self, request: inference_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> inference_pb2.SearchResponse:
         """Return the caller's most similar documents. Status codes: see inference.proto."""
-        tenant = authenticate_tenant(context, self._config)
+        tenant = await self._tenants.authenticate(context)
         cache = self._cache_client()
         num_tokens = self._count_tokens([request.query])
         return await self._relay_admitted(tenant, num_tokens, lambda: cache.search(tenant.name, request))
@@ -86,7 +87,7 @@ class EmbeddingRelayMixin:
         self, request: inference_pb2.DeleteDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.DeleteDocumentsResponse:
         """Delete the caller's documents, all or none. Status codes: see inference.proto."""
-        tenant = authenticate_tenant(context, self._config)
+        tenant = await self._tenants.authenticate(context)
         cache = self._cache_client()
         return await self._relay_admitted(tenant, 0, lambda: cache.delete_documents(tenant.name, request))
 

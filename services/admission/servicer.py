@@ -16,7 +16,7 @@ from tenantserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, schedu
 
 from . import metrics
 from .audit import AuditLog, RequestAudit
-from .auth import authenticate_tenant
+from .auth import TenantDirectory
 from .cache_client import CacheClient
 from .embedding_servicer import EmbeddingRelayMixin
 from .generation import AdmittedRequest, GenerationRelay
@@ -50,6 +50,7 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         self._config = config
         self._tokenizer = tokenizer
         self._limiter = limiter
+        self._tenants = TenantDirectory(config, limiter.client)
         self.quota = QuotaGate(config, limiter)
         self._scheduler = scheduler
         self._cache = cache
@@ -76,7 +77,7 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         service_class_name = SERVICE_CLASS_NAMES.get(effective_service_class(request.service_class), "invalid")
         audit = RequestAudit(self._audit_log, request.model, service_class_name, arrival_time)
         try:
-            tenant = authenticate_tenant(context, self._config)
+            tenant = await self._tenants.authenticate(context)
             tenant_label = tenant.name
             audit.tenant_id = tenant.name
             await self._generate(request, context, tenant, arrival_time, audit)
@@ -173,7 +174,7 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         """Return every configured model. Status codes: UNAUTHENTICATED, PERMISSION_DENIED."""
-        authenticate_tenant(context, self._config)
+        await self._tenants.authenticate(context)
         return inference_pb2.ListModelsResponse(
             models=[
                 inference_pb2.ModelInfo(
@@ -194,7 +195,7 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         Status codes: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE when
         Redis cannot be reached.
         """
-        tenant = authenticate_tenant(context, self._config)
+        tenant = await self._tenants.authenticate(context)
         try:
             report = await self._limiter.report(tenant.name)
         except redis.exceptions.RedisError as exc:
