@@ -88,6 +88,8 @@ async def run_full(stack: Stack, model: str, concurrency: int, args: argparse.Na
     async def send(index: int) -> tuple[float, int]:
         tenant = TENANTS[index % len(TENANTS)]
         request = chat_request(model, PROMPTS[index % len(PROMPTS)], max_tokens=args.max_tokens)
+        # Every request must reach the worker, as on the direct path.
+        request.skip_completion_cache = True
         result = await stream_generate(channels[tenant], request, timeout=600)
         return result.time_to_first_token, result.num_completion_tokens
 
