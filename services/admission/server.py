@@ -10,13 +10,12 @@ from pathlib import Path
 
 import grpc
 import redis.asyncio
-import redis.exceptions
 
 from services.common.config import Config, ConfigError
 from services.common.grpc_server import RunningServer, start_server
 from services.common.metrics import start_metrics_server
 from services.common.tls import MAX_CONNECTION_AGE_OPTIONS, secure_channel, service_channel_credentials
-from services.common.valkey import redis_client
+from services.common.valkey import connect_redis
 from tenantserve.v1 import admin_pb2_grpc, inference_pb2, inference_pb2_grpc, scheduler_pb2_grpc
 
 from .admin_servicer import ADMIN_SERVICE, AdminOnlyInterceptor, AdminServicer
@@ -81,7 +80,7 @@ async def start_admission(
     reached, and RuntimeError when the address cannot be bound.
     """
     policy = PromptPolicy.from_config(config)
-    client = await connect_redis(config.redis_url)
+    client = await connect_redis(config.redis_url, "admission keeps tenant limits and usage", REDIS_CONNECT_TIMEOUT_SECONDS)
     seeded = await seed_tenants(client, config.tenants)
     if seeded:
         logger.info("stored the config file's limits of tenants %s in Redis", ", ".join(seeded))
@@ -149,29 +148,6 @@ def audit_log_path(config: Config) -> Path:
         return Path(config.admission.audit_log_path)
     return config.state_dir / "logs" / "audit.jsonl"
 
-
-async def connect_redis(url: str, timeout: float = REDIS_CONNECT_TIMEOUT_SECONDS) -> redis.asyncio.Redis:
-    """Return a client for ``url`` once the server replies to PING, retrying for ``timeout`` seconds.
-
-    Raises ConfigError when the URL is empty or the server does not reply.
-    """
-    if not url:
-        raise ConfigError(
-            "redis_url is empty: admission keeps tenant limits and usage in a Redis-compatible server; "
-            "set TENANTSERVE_REDIS_URL or redis_url in the config file (`tenantserve up` starts one for you)"
-        )
-    client = redis_client(url)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            await client.ping()
-            return client
-        except redis.exceptions.RedisError as exc:
-            if asyncio.get_running_loop().time() >= deadline:
-                await client.aclose()
-                raise ConfigError(f"Redis at {url} did not reply to PING within {timeout:.0f} s: {exc}") from exc
-            logger.warning("Redis at %s is not reachable yet: %s; retrying", url, exc)
-            await asyncio.sleep(0.5)
 
 
 async def serve(config: Config) -> None:

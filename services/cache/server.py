@@ -9,14 +9,13 @@ from dataclasses import dataclass
 
 import grpc
 import redis.asyncio
-import redis.exceptions
 import torch
 
 from services.common.config import Config, ConfigError
 from services.common.grpc_server import RunningServer, start_server
 from services.common.identity import PeerKind
 from services.common.metrics import start_metrics_server
-from services.common.valkey import redis_client
+from services.common.valkey import connect_redis
 from tenantserve.v1 import cache_pb2, cache_pb2_grpc
 
 from .batcher import DynamicBatcher
@@ -69,7 +68,9 @@ async def start_cache(config: Config, *, listen: str | None = None, encoder: Sen
     ``encoder`` skips loading the model again. Raises ConfigError when
     Redis cannot be reached and RuntimeError when the address cannot be bound.
     """
-    client = await connect_redis(config.redis_url)
+    client = await connect_redis(
+        config.redis_url, "the cache service keeps embeddings, documents and completions", REDIS_CONNECT_TIMEOUT_SECONDS
+    )
     if encoder is None:
         encoder = await asyncio.to_thread(load_encoder, config)
     cache = config.cache
@@ -122,26 +123,3 @@ async def serve(config: Config) -> None:
     await server.stop()
     logger.info("stopped")
 
-
-async def connect_redis(url: str, timeout: float = REDIS_CONNECT_TIMEOUT_SECONDS) -> redis.asyncio.Redis:
-    """Return a client for ``url`` once the server replies to PING, retrying for ``timeout`` seconds.
-
-    Raises ConfigError when the URL is empty or the server does not reply.
-    """
-    if not url:
-        raise ConfigError(
-            "redis_url is empty: the cache service keeps embeddings, documents and completions in a "
-            "Redis-compatible server; set TENANTSERVE_REDIS_URL or redis_url in the config file"
-        )
-    client = redis_client(url)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            await client.ping()
-            return client
-        except redis.exceptions.RedisError as exc:
-            if asyncio.get_running_loop().time() >= deadline:
-                await client.aclose()
-                raise ConfigError(f"Redis at {url} did not reply to PING within {timeout:.0f} s: {exc}") from exc
-            logger.warning("Redis at %s is not reachable yet: %s; retrying", url, exc)
-            await asyncio.sleep(0.5)

@@ -9,6 +9,7 @@ password, so any process on this host can connect to it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -19,7 +20,9 @@ from types import TracebackType
 
 import redis
 import redis.asyncio
+import redis.exceptions
 
+from services.common.config import ConfigError
 from services.common.process import stop_with_parent
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -174,6 +177,31 @@ class ValkeyServer:
 def redis_client(url: str) -> redis.asyncio.Redis:
     """Return an asyncio client for ``url`` that returns bytes (decode_responses=False)."""
     return redis.asyncio.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5)
+
+
+async def connect_redis(url: str, purpose: str, timeout: float = 10.0) -> redis.asyncio.Redis:
+    """Return a client for ``url`` once the server replies to PING, retrying for ``timeout`` seconds.
+
+    ``purpose`` says what the caller keeps in Redis, for the error message.
+    Raises ConfigError when the URL is empty or the server does not reply.
+    """
+    if not url:
+        raise ConfigError(
+            f"redis_url is empty: {purpose} in a Redis-compatible server; set TENANTSERVE_REDIS_URL "
+            "or redis_url in the config file (`tenantserve up` starts one for you)"
+        )
+    client = redis_client(url)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await client.ping()
+            return client
+        except redis.exceptions.RedisError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                await client.aclose()
+                raise ConfigError(f"Redis at {url} did not reply to PING within {timeout:.0f} s: {exc}") from exc
+            logger.warning("Redis at %s is not reachable yet: %s; retrying", url, exc)
+            await asyncio.sleep(0.5)
 
 
 def _free_port() -> int:
