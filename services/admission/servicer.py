@@ -105,7 +105,9 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
         policy_labels = self._policy.apply(tenant.name, model.name, request)
         prompt_token_ids = await self._tokenizer.tokenize(request, model)
         audit.prompt_tokens = len(prompt_token_ids)
-        check_context_length(len(prompt_token_ids), request.sampling.max_tokens, model)
+        check_context_length(
+            len(prompt_token_ids), request.sampling.max_tokens, model, request.WhichOneof("input") or "prompt"
+        )
 
         request_id = uuid.uuid4().hex
         log_extra = {"request_id": request_id, "tenant_id": tenant.name}

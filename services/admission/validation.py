@@ -121,11 +121,13 @@ def check_client_request_id(client_request_id: str) -> None:
         )
 
 
-def check_context_length(num_prompt_tokens: int, max_tokens: int, model: ModelConfig) -> None:
-    """Raise InvalidArgument when the prompt plus max_tokens exceed the model's context."""
+def check_context_length(
+    num_prompt_tokens: int, max_tokens: int, model: ModelConfig, input_field: str = "prompt"
+) -> None:
+    """Raise InvalidArgument naming ``input_field`` when the prompt plus max_tokens exceed the model's context."""
     if num_prompt_tokens + max_tokens > model.max_context_tokens:
         raise InvalidArgument(
-            "prompt",
+            input_field,
             f"{num_prompt_tokens} prompt tokens plus sampling.max_tokens {max_tokens} exceed the context "
             f"of {model.max_context_tokens} tokens of model {model.name!r}; shorten the prompt or lower max_tokens",
         )

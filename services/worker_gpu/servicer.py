@@ -19,11 +19,22 @@ from services.common.engine import (
     SamplingParams,
     WaitingQueueFullError,
 )
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable, map_errors
+from services.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    map_errors,
+)
+from services.common.identity import peer_from_context
 from services.worker_gpu import metrics
 from tenantserve.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+SCHEDULER_SERVICE_NAME = "scheduler"
 
 FINISH_REASONS = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -52,10 +63,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         INVALID_ARGUMENT for a missing id, invalid sampling parameters or a
         prompt that does not fit the context. RESOURCE_EXHAUSTED when the
         waiting queue is full, UNAVAILABLE while the worker shuts down, and
-        INTERNAL when a model step fails. Cancelling the call aborts the
-        request within one step.
+        INTERNAL when a model step fails, PERMISSION_DENIED for a caller
+        other than the scheduler. Cancelling the call aborts the request
+        within one step.
         """
         extra = {"request_id": request.request_id, "tenant_id": request.tenant_id}
+        _check_caller(context)
         stream = self._add_request(request)
         logger.debug("generate started with %d prompt tokens", len(request.prompt_token_ids), extra=extra)
         # Stays "cancelled" when the caller goes away before the result.
@@ -114,6 +127,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise InvalidArgument("request_id", "is missing")
         if not request.tenant_id:
             raise InvalidArgument("tenant_id", "is missing")
+
+
+def _check_caller(context: grpc.aio.ServicerContext) -> None:
+    # The server already rejects every certificate but services'; among
+    # those, only the scheduler places requests, so no other service can
+    # spend a tenant's share of the batch around the scheduler's queue.
+    peer = peer_from_context(context)
+    if peer is None or peer.name != SCHEDULER_SERVICE_NAME:
+        name = f"{peer.kind.value} {peer.name!r}" if peer else "an unidentified caller"
+        raise PermissionDenied(f"only the scheduler may call Generate; {name} may not")
 
 
 async def _responses(

@@ -61,6 +61,7 @@ BAD_INPUTS = [
     ("empty stop string", with_sampling(stop=[""]), INVALID, "sampling.stop[0]: must not be empty"),
     ("client_request_id 129", long_client_request_id(), INVALID, "client_request_id: must be at most 128 characters"),
     ("prompt over context", raw_prompt("hello" + " hello" * 2100), INVALID, "prompt: "),
+    ("messages over context", with_messages((common_pb2.ROLE_USER, "hello" + " hello" * 2100)), INVALID, "messages: "),
     ("prompt of 4 MB", raw_prompt("x" * 4_000_000), INVALID, "prompt: 4000000 bytes cannot fit the context"),
     ("messages of 4 MB", with_messages((common_pb2.ROLE_USER, "x" * 4_000_000)), INVALID, "messages: 4000000 bytes"),
 ]

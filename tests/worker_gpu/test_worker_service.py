@@ -163,6 +163,32 @@ def test_tenant_certificate_is_rejected(tmp_path):
     assert asyncio.run(scenario()) == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_only_scheduler_may_generate(tmp_path):
+    config = make_worker_config(tmp_path)
+
+    async def scenario():
+        async with running_worker(config) as server:
+            credentials = tls.service_channel_credentials(config.tls.cert_dir, "admission")
+            async with tls.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                request = worker_pb2.WorkerGenerateRequest(
+                    tenant_id="alpha",
+                    request_id="from-admission",
+                    model=config.worker_gpu.model,
+                    prompt_token_ids=[1, 2, 3],
+                    sampling=common_pb2.SamplingParams(max_tokens=2),
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    async for _ in stub.Generate(request, timeout=30):
+                        pass
+                return raised.value
+
+    error = asyncio.run(scenario())
+
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "only the scheduler may call Generate" in error.details()
+
+
 def test_concurrent_calls_share_steps_in_metrics(tmp_path):
     config = make_worker_config(tmp_path)
     questions = [FRANCE_QUESTION, "Name three colors.", "What is 2 + 2?"]
