@@ -53,12 +53,20 @@ async def measure(stack: Stack, num_requests: int) -> dict[str, float]:
     ):
         worker = worker_pb2_grpc.WorkerStub(worker_channel)
         scheduler = scheduler_pb2_grpc.SchedulerStub(scheduler_channel)
+        fields = {"model": model.name, "prompt_token_ids": prompt_token_ids, "sampling": sampling}
         for _ in range(num_requests + WARM_UP_REQUESTS):
-            fields = {"tenant_id": TENANT, "model": model.name, "prompt_token_ids": prompt_token_ids, "sampling": sampling}
-            to_worker = worker_pb2.WorkerGenerateRequest(request_id=uuid.uuid4().hex, **fields)
+            # The worker shares cached prompt prefixes only within a tenant,
+            # so each hop uses a tenant id of its own and none warms the
+            # cache for another.
+            to_worker = worker_pb2.WorkerGenerateRequest(
+                tenant_id="hop-worker", request_id=uuid.uuid4().hex, **fields
+            )
             samples["worker"].append(await time_to_first_delta(worker.Generate(to_worker)))
             to_scheduler = scheduler_pb2.ScheduleRequest(
-                request_id=uuid.uuid4().hex, service_class=common_pb2.SERVICE_CLASS_INTERACTIVE, **fields
+                tenant_id="hop-scheduler",
+                request_id=uuid.uuid4().hex,
+                service_class=common_pb2.SERVICE_CLASS_INTERACTIVE,
+                **fields,
             )
             samples["scheduler"].append(await time_to_first_delta(scheduler.Schedule(to_scheduler)))
             to_admission = chat_request(model.name, PROMPT, max_tokens=2)

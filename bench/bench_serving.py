@@ -108,7 +108,10 @@ async def run_direct(
 
     async def send(index: int) -> tuple[float, int]:
         request = worker_pb2.WorkerGenerateRequest(
-            tenant_id=TENANTS[index % len(TENANTS)],
+            # The worker shares cached prompt prefixes only within a tenant;
+            # tenant ids of their own keep the two paths from warming each
+            # other's cache.
+            tenant_id="direct-" + TENANTS[index % len(TENANTS)],
             request_id=uuid.uuid4().hex,
             model=model,
             prompt_token_ids=prompts[index % len(prompts)],
