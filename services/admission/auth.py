@@ -54,7 +54,7 @@ class TenantDirectory:
 
         Raises Unauthenticated or PermissionDenied as tenant_peer_name does,
         PermissionDenied for a tenant that is neither configured nor
-        created at runtime, and Unavailable when Redis cannot say.
+        created at runtime, and Unavailable when Redis cannot be reached.
         """
         name = tenant_peer_name(context)
         tenant = self._config.tenant(name)
@@ -76,9 +76,9 @@ class TenantDirectory:
         if limits is None:
             logger.warning("rejected a certificate of unknown tenant %s", name, extra={"tenant_id": name})
             raise PermissionDenied(f"tenant {name!r} is not configured")
-        # The decision script enforces the limits stored in Redis; the
-        # TenantConfig only carries the name and the defaults of settings
-        # that live in the config file, such as cache budgets.
+        # The decision script enforces the limits stored in Redis. The
+        # TenantConfig copies them, and settings that exist only in the
+        # config file, such as cache budgets, keep their defaults.
         known = {field.name for field in dataclasses.fields(TenantConfig)}
         values = {key: value for key, value in dataclasses.asdict(limits).items() if key in known}
         return TenantConfig(**values)
