@@ -242,7 +242,7 @@ def test_prompt_over_context_rejected(tmp_path: Path, valkey_url: str) -> None:
 
     assert error is not None
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.details().startswith("prompt: ")
+    assert error.details().startswith("messages: ")
     assert "exceed the context of 2048 tokens" in error.details()
 
 
