@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import redis.asyncio
 from services.common.config import Config, ConfigError
 from services.common.grpc_server import RunningServer, start_server
 from services.common.metrics import start_metrics_server
+from services.common.service_main import wait_for_stop_signal
 from services.common.tls import MAX_CONNECTION_AGE_OPTIONS, secure_channel, service_channel_credentials
 from services.common.valkey import connect_redis
 from tenantserve.v1 import admin_pb2_grpc, inference_pb2, inference_pb2_grpc, scheduler_pb2_grpc
@@ -162,11 +162,7 @@ async def serve(config: Config) -> None:
         metrics_port,
     )
 
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop_requested.set)
-    await stop_requested.wait()
+    await wait_for_stop_signal()
 
     logger.info("stopping")
     await server.stop()

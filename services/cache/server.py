@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +14,7 @@ from services.common.config import Config, ConfigError
 from services.common.grpc_server import RunningServer, start_server
 from services.common.identity import PeerKind
 from services.common.metrics import start_metrics_server
+from services.common.service_main import wait_for_stop_signal
 from services.common.valkey import connect_redis
 from tenantserve.v1 import cache_pb2, cache_pb2_grpc
 
@@ -113,11 +113,7 @@ async def serve(config: Config) -> None:
         metrics_port,
     )
 
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop_requested.set)
-    await stop_requested.wait()
+    await wait_for_stop_signal()
 
     logger.info("stopping")
     await server.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +12,7 @@ import grpc
 from services.common.config import Config
 from services.common.grpc_server import RunningServer, start_server
 from services.common.metrics import start_metrics_server
+from services.common.service_main import wait_for_stop_signal
 from services.common.tls import secure_channel, service_channel_credentials
 from tenantserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -90,11 +90,7 @@ async def serve(config: Config) -> None:
         metrics_port,
     )
 
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop_requested.set)
-    await stop_requested.wait()
+    await wait_for_stop_signal()
 
     logger.info("stopping")
     await server.stop()

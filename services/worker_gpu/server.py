@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import uuid
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from services.common.engine import InferenceEngine
 from services.common.grpc_server import RunningServer, start_server
 from services.common.identity import PeerKind
 from services.common.metrics import start_metrics_server
+from services.common.service_main import wait_for_stop_signal
 from services.common.tls import service_channel_credentials
 from services.worker_gpu import metrics
 from services.worker_gpu.factory import LoadedModel, build_engine, load_model_async
@@ -118,11 +118,7 @@ async def serve(config: Config) -> None:
         metrics_port,
     )
 
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop_requested.set)
-    await stop_requested.wait()
+    await wait_for_stop_signal()
 
     logger.info("stopping")
     await server.stop()
