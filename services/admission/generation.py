@@ -66,6 +66,8 @@ class GenerationRelay:
         self._num_completion_tokens = 0
         self._started = False
         self._settled = False
+        # The result, once the scheduler sent it and it is being written.
+        self.result: common_pb2.GenerateResult | None = None
 
     @property
     def num_completion_tokens(self) -> int:
@@ -115,6 +117,7 @@ class GenerationRelay:
         # Settle before the caller sees the result, so that its next request
         # and its GetUsage already see this one finished.
         await self._settle_once(started=True)
+        self.result = result
         await context.write(response)
         return result
 

@@ -150,6 +150,11 @@ class InferenceServicer(EmbeddingRelayMixin, inference_pb2_grpc.InferenceService
             recorder = self._completion_recorder(tenant, request, context)
             result = await relay.run(recorder)
         except asyncio.CancelledError:
+            if relay.result is not None:
+                # The caller went away while or after the result was written:
+                # the generation itself finished.
+                audit.settle("finished", None, relay.result.usage.completion_tokens)
+                raise
             logger.info("request ended early: %s", _cancellation_outcome(context), extra=log_extra)
             audit.settle(_cancellation_outcome(context), None, relay.num_completion_tokens)
             raise
