@@ -66,7 +66,7 @@ async def stream_generate(
     on_text: Callable[[str], None] | None = None,
     timeout: float | None = None,
 ) -> ChatResult:
-    """Send one Generate request and collect its stream; ``on_text`` sees each delta."""
+    """Send one Generate request and collect its stream, passing each delta's text to ``on_text``."""
     stub = inference_pb2_grpc.InferenceStub(channel)
     start = time.perf_counter()
     first_token_at: float | None = None

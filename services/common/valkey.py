@@ -182,7 +182,7 @@ def redis_client(url: str) -> redis.asyncio.Redis:
 async def connect_redis(url: str, purpose: str, timeout: float = 10.0) -> redis.asyncio.Redis:
     """Return a client for ``url`` once the server replies to PING, retrying for ``timeout`` seconds.
 
-    ``purpose`` says what the caller keeps in Redis, for the error message.
+    ``purpose`` names what the caller keeps in Redis, for the error message.
     Raises ConfigError when the URL is empty or the server does not reply.
     """
     if not url:
